@@ -1,0 +1,5 @@
+import sys
+
+from eplb_compile.cli import main
+
+sys.exit(main())

@@ -1,0 +1,278 @@
+"""A toy MoE block over a simulated EP group, recorded through both lowerings.
+
+Every rank's tokens go through ``ep_size`` copies of the routing, as the ranks
+of a real EP group would; the "all-reduce" is a sum over the rank axis of the
+load pass. The topk path counts each rank's own tokens over all physical
+experts; the count path maps only, then adds the per-local-expert counts that a
+dispatch backend such as DeepEP low-latency would return.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from eplb_compile import metrics
+from eplb_compile.ops import map_and_record, map_only, record_counts
+from eplb_compile.reference import map_and_record_reference
+from eplb_compile.selection import Lowering, select_lowering
+
+# Even layers use a backend with exact counts, odd ones one without, so the
+# demo shows the selector taking both branches.
+BACKENDS = ("deepep_ll", "allgather")
+
+
+@dataclass
+class DemoConfig:
+    layers: int = 4
+    ep_size: int = 4
+    num_logical: int = 16
+    num_redundant: int = 4
+    top_k: int = 2
+    hidden: int = 32
+    tokens_per_rank: int = 512
+    steps: int = 8
+    zipf_s: float = 1.2
+    seed: int = 0
+    device: str = "cpu"
+    count_path_min_tokens: int | None = None
+
+    @property
+    def num_physical(self) -> int:
+        return self.num_logical + self.num_redundant
+
+    @property
+    def num_local(self) -> int:
+        return self.num_physical // self.ep_size
+
+
+def make_placement(cfg: DemoConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random EPLB placement: every logical expert once, the hottest replicated."""
+    perm = torch.randperm(cfg.num_physical, generator=generator)
+    replica_of = list(range(cfg.num_logical)) + [j % cfg.num_logical for j in range(cfg.num_redundant)]
+    slots = max(replica_of.count(e) for e in range(cfg.num_logical))
+    l2p = torch.full((cfg.num_logical, slots), -1, dtype=torch.int64)
+    count = torch.zeros(cfg.num_logical, dtype=torch.int64)
+    for slot, logical in enumerate(replica_of):
+        l2p[logical, count[logical]] = perm[slot]
+        count[logical] += 1
+    return l2p, count
+
+
+class ToyMoEBlock(nn.Module):
+    """``layers`` MoE layers that record every layer's load through both lowerings.
+
+    One compiled graph holds both, so they see the very same routing and the
+    demo compiles once: ``load_pass["topk"]`` is filled by ``map_and_record``,
+    ``load_pass["counts"]`` by ``map_only`` plus the dispatched counts.
+    """
+
+    def __init__(self, cfg: DemoConfig):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        # Zipf prior over logical experts, shuffled per layer: skewed routing.
+        zipf = -cfg.zipf_s * torch.log(torch.arange(1, cfg.num_logical + 1, dtype=torch.float32))
+        biases, maps, counts = [], [], []
+        for _ in range(cfg.layers):
+            biases.append(zipf[torch.randperm(cfg.num_logical, generator=g)])
+            l2p, rc = make_placement(cfg, g)
+            maps.append(l2p)
+            counts.append(rc)
+        self.router = nn.Parameter(torch.randn(cfg.layers, cfg.hidden, cfg.num_logical, generator=g) * 0.3)
+        self.expert_scale = nn.Parameter(torch.randn(cfg.layers, cfg.num_physical, generator=g))
+        self.mix = nn.Parameter(torch.randn(cfg.layers, cfg.hidden, cfg.hidden, generator=g) / math.sqrt(cfg.hidden))
+        self.register_buffer("router_bias", torch.stack(biases))
+        self.register_buffer("logical_to_physical_map", torch.stack(maps))
+        self.register_buffer("logical_replica_count", torch.stack(counts))
+        # Buffers, not inputs: cudagraph trees treat them as static addresses.
+        for lowering in Lowering:
+            self.register_buffer(
+                f"load_pass_{lowering.value}",
+                torch.zeros(cfg.layers, cfg.ep_size, cfg.num_physical, dtype=torch.int32),
+            )
+        self.register_buffer("record_enabled", torch.ones((), dtype=torch.bool))
+        self.register_buffer("num_unpadded_tokens", torch.full((cfg.ep_size,), cfg.tokens_per_rank, dtype=torch.int32))
+
+    def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = x @ self.router[layer] + self.router_bias[layer]
+        weights, ids = torch.topk(torch.softmax(logits, dim=-1), self.cfg.top_k, dim=-1)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``[ep_size, tokens_per_rank, hidden]``, one slice per rank.
+
+        Returns the block output and the routed logical ids
+        ``[layers, ep_size, tokens_per_rank, top_k]``.
+        """
+        cfg = self.cfg
+        out = x
+        routed = []
+        for layer in range(cfg.layers):
+            l2p = self.logical_to_physical_map[layer]
+            rc = self.logical_replica_count[layer]
+            weights, ids = self.route(out, layer)
+            physical, mapped_only = [], []
+            for rank in range(cfg.ep_size):
+                physical.append(
+                    map_and_record(
+                        ids[rank], l2p, rc, self.load_pass_topk[layer, rank],
+                        self.record_enabled, self.num_unpadded_tokens[rank],
+                    )
+                )
+                mapped_only.append(map_only(ids[rank], l2p, rc))
+            self._record_dispatched_counts(layer, mapped_only)
+            phys = torch.stack(physical)
+            scale = (weights * self.expert_scale[layer][phys.clamp_min(0)]).sum(-1, keepdim=True)
+            out = out + scale * torch.tanh(out @ self.mix[layer])
+            routed.append(ids)
+        return out, torch.stack(routed)
+
+    def _record_dispatched_counts(self, layer: int, physical: list[torch.Tensor]) -> None:
+        """What a dispatch backend does: count, per local expert, what each rank receives.
+
+        Padded rows are never dispatched (their ids are dropped), which is how
+        they stay out of the backend's counts.
+        """
+        cfg = self.cfg
+        rows = torch.arange(cfg.tokens_per_rank, device=physical[0].device)
+        dispatched = torch.cat(
+            [
+                torch.where((rows < self.num_unpadded_tokens[rank]).unsqueeze(-1), phys, -1).reshape(-1)
+                for rank, phys in enumerate(physical)
+            ]
+        )
+        valid = dispatched >= 0
+        received = torch.zeros(cfg.num_physical, dtype=torch.int32, device=dispatched.device)
+        received.scatter_add_(0, torch.where(valid, dispatched, 0), valid.to(torch.int32))
+        for rank in range(cfg.ep_size):
+            start = rank * cfg.num_local
+            record_counts(
+                self.load_pass_counts[layer, rank],
+                received[start : start + cfg.num_local],
+                start,
+                self.record_enabled,
+            )
+
+
+def choose_lowerings(cfg: DemoConfig) -> list[tuple[str, Lowering, str]]:
+    """(backend, lowering, reason) per layer, from the selector."""
+    choices = []
+    for layer in range(cfg.layers):
+        backend = BACKENDS[layer % len(BACKENDS)]
+        # Stand-in for the backend's expert_num_tokens; only its presence matters here.
+        counts = torch.empty(cfg.num_local, dtype=torch.int32) if backend == "deepep_ll" else None
+        choice = select_lowering(counts, cfg.tokens_per_rank, min_tokens=cfg.count_path_min_tokens)
+        choices.append((backend, choice.lowering, choice.reason))
+    return choices
+
+
+@dataclass
+class DemoResult:
+    choices: list[tuple[str, Lowering, str]]
+    loads: dict[str, torch.Tensor]  # lowering set -> [steps, layers, physical] global loads
+    reference: torch.Tensor  # [steps, layers, physical], counted independently
+    gate: list[bool]
+    compile_seconds: float
+    run_seconds: float
+
+
+def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
+    torch.manual_seed(cfg.seed)
+    model = ToyMoEBlock(cfg).to(cfg.device)
+    runner = torch.compile(model, fullgraph=True) if compile else model
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    loads = {lowering.value: [] for lowering in Lowering}
+    reference, gate = [], []
+    compile_seconds = run_seconds = 0.0
+    for step in range(cfg.steps):
+        x = torch.randn(cfg.ep_size, cfg.tokens_per_rank, cfg.hidden, generator=g).to(cfg.device)
+        record = step % 4 != 3  # the gate is off one step in four
+        padding = torch.randint(0, cfg.tokens_per_rank // 8 + 1, (cfg.ep_size,), generator=g)
+        unpadded = (cfg.tokens_per_rank - padding).to(torch.int32)
+        gate.append(record)
+        for buffer in (model.load_pass_topk, model.load_pass_counts):
+            buffer.zero_()
+        model.record_enabled.fill_(record)
+        model.num_unpadded_tokens.copy_(unpadded)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, logical_ids = runner(x)
+        if cfg.device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if step == 0:
+            compile_seconds = elapsed
+        else:
+            run_seconds += elapsed
+        for name in loads:
+            # Summing the rank axis is the EP all-reduce.
+            loads[name].append(getattr(model, f"load_pass_{name}").sum(dim=1).cpu())
+        reference.append(_reference_load(model, logical_ids, unpadded, record))
+    return DemoResult(
+        choose_lowerings(cfg),
+        {name: torch.stack(v) for name, v in loads.items()},
+        torch.stack(reference),
+        gate,
+        compile_seconds,
+        run_seconds,
+    )
+
+
+def _reference_load(
+    model: ToyMoEBlock, logical_ids: torch.Tensor, unpadded: torch.Tensor, record: bool
+) -> torch.Tensor:
+    """Global load from the routed logical ids, counted by the element-wise reference."""
+    cfg = model.cfg
+    load = torch.zeros(cfg.layers, cfg.num_physical, dtype=torch.int32)
+    for layer in range(cfg.layers):
+        for rank in range(cfg.ep_size):
+            ids = logical_ids[layer, rank].cpu()
+            _, load[layer] = map_and_record_reference(
+                ids,
+                model.logical_to_physical_map[layer].cpu(),
+                model.logical_replica_count[layer].cpu(),
+                load[layer],
+                record,
+                int(unpadded[rank]),
+            )
+    return load
+
+
+def format_report(cfg: DemoConfig, result: DemoResult) -> str:
+    totals = result.loads[Lowering.TOPK.value].sum(dim=0)  # [layers, physical]
+    imbalance = metrics.imbalance_max_over_mean(totals, cfg.ep_size)
+    lines = [
+        f"EP group: {cfg.ep_size} ranks x {cfg.num_local} local experts "
+        f"({cfg.num_logical} logical + {cfg.num_redundant} redundant), top-{cfg.top_k}, "
+        f"{cfg.tokens_per_rank} tokens/rank, {cfg.steps} steps (gate off in steps "
+        f"{[s for s, g in enumerate(result.gate) if not g]}), device {cfg.device}",
+        "",
+        f"{'layer':>5}  {'backend':<10} {'lowering':<8} {'tokens':>8} {'imbalance':>9}  reason",
+    ]
+    for layer, (backend, lowering, reason) in enumerate(result.choices):
+        tokens = int(totals[layer].sum()) // cfg.top_k
+        lines.append(
+            f"{layer:>5}  {backend:<10} {lowering.value:<8} {tokens:>8} {float(imbalance[layer]):>9.3f}  {reason}"
+        )
+    lines.append("")
+    lines.append(
+        f"balancedness (vLLM): {metrics.balancedness(totals, cfg.ep_size):.4f}; "
+        f"compile {result.compile_seconds:.1f}s, steady steps {result.run_seconds:.2f}s"
+    )
+    return "\n".join(lines)
+
+
+def verify(result: DemoResult) -> list[str]:
+    """Mismatches between the lowerings and the independent reference (empty: all equal)."""
+    problems = []
+    for name, loads in result.loads.items():
+        for step in range(loads.shape[0]):
+            if not torch.equal(loads[step], result.reference[step]):
+                diff = int((loads[step] - result.reference[step]).abs().sum())
+                problems.append(f"{name}: step {step} differs from the reference by {diff} counts")
+    return problems
