@@ -63,76 +63,62 @@ def make_placement(cfg: DemoConfig, generator: torch.Generator) -> tuple[torch.T
     return l2p, count
 
 
-class ToyMoEBlock(nn.Module):
-    """``layers`` MoE layers that record every layer's load through both lowerings.
+class ToyMoELayer(nn.Module):
+    """One MoE layer over a simulated EP group, recording through both lowerings.
 
-    One compiled graph holds both, so they see the very same routing and the
-    demo compiles once: ``load_pass["topk"]`` is filled by ``map_and_record``,
-    ``load_pass["counts"]`` by ``map_only`` plus the dispatched counts.
+    Both lowerings sit in one compiled graph, so they see the very same
+    routing: ``load_pass_topk`` is filled by ``map_and_record``,
+    ``load_pass_counts`` by ``map_only`` plus the dispatched counts. Rows are
+    EP ranks: ``[ep_size, num_physical]``, summed over ranks by the "all-reduce".
     """
 
-    def __init__(self, cfg: DemoConfig):
+    def __init__(self, cfg: DemoConfig, g: torch.Generator):
         super().__init__()
         self.cfg = cfg
-        g = torch.Generator().manual_seed(cfg.seed)
         # Zipf prior over logical experts, shuffled per layer: skewed routing.
         zipf = -cfg.zipf_s * torch.log(torch.arange(1, cfg.num_logical + 1, dtype=torch.float32))
-        biases, maps, counts = [], [], []
-        for _ in range(cfg.layers):
-            biases.append(zipf[torch.randperm(cfg.num_logical, generator=g)])
-            l2p, rc = make_placement(cfg, g)
-            maps.append(l2p)
-            counts.append(rc)
-        self.router = nn.Parameter(torch.randn(cfg.layers, cfg.hidden, cfg.num_logical, generator=g) * 0.3)
-        self.expert_scale = nn.Parameter(torch.randn(cfg.layers, cfg.num_physical, generator=g))
-        self.mix = nn.Parameter(torch.randn(cfg.layers, cfg.hidden, cfg.hidden, generator=g) / math.sqrt(cfg.hidden))
-        self.register_buffer("router_bias", torch.stack(biases))
-        self.register_buffer("logical_to_physical_map", torch.stack(maps))
-        self.register_buffer("logical_replica_count", torch.stack(counts))
+        self.router = nn.Parameter(torch.randn(cfg.hidden, cfg.num_logical, generator=g) * 0.3)
+        self.expert_scale = nn.Parameter(torch.randn(cfg.num_physical, generator=g))
+        self.mix = nn.Parameter(torch.randn(cfg.hidden, cfg.hidden, generator=g) / math.sqrt(cfg.hidden))
+        self.register_buffer("router_bias", zipf[torch.randperm(cfg.num_logical, generator=g)])
+        l2p, replica_count = make_placement(cfg, g)
+        self.register_buffer("logical_to_physical_map", l2p)
+        self.register_buffer("logical_replica_count", replica_count)
         # Buffers, not inputs: cudagraph trees treat them as static addresses.
         for lowering in Lowering:
             self.register_buffer(
                 f"load_pass_{lowering.value}",
-                torch.zeros(cfg.layers, cfg.ep_size, cfg.num_physical, dtype=torch.int32),
+                torch.zeros(cfg.ep_size, cfg.num_physical, dtype=torch.int32),
             )
-        self.register_buffer("record_enabled", torch.ones((), dtype=torch.bool))
-        self.register_buffer("num_unpadded_tokens", torch.full((cfg.ep_size,), cfg.tokens_per_rank, dtype=torch.int32))
 
-    def route(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = x @ self.router[layer] + self.router_bias[layer]
-        weights, ids = torch.topk(torch.softmax(logits, dim=-1), self.cfg.top_k, dim=-1)
-        return weights, ids
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, record_enabled: torch.Tensor, num_unpadded_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: ``[ep_size, tokens_per_rank, hidden]``, one slice per rank.
 
-        Returns the block output and the routed logical ids
-        ``[layers, ep_size, tokens_per_rank, top_k]``.
+        Returns the layer output and the routed logical ids ``[ep_size, tokens_per_rank, top_k]``.
         """
         cfg = self.cfg
-        out = x
-        routed = []
-        for layer in range(cfg.layers):
-            l2p = self.logical_to_physical_map[layer]
-            rc = self.logical_replica_count[layer]
-            weights, ids = self.route(out, layer)
-            physical, mapped_only = [], []
-            for rank in range(cfg.ep_size):
-                physical.append(
-                    map_and_record(
-                        ids[rank], l2p, rc, self.load_pass_topk[layer, rank],
-                        self.record_enabled, self.num_unpadded_tokens[rank],
-                    )
+        logits = x @ self.router + self.router_bias
+        weights, ids = torch.topk(torch.softmax(logits, dim=-1), cfg.top_k, dim=-1)
+        l2p, replica_count = self.logical_to_physical_map, self.logical_replica_count
+        physical, mapped_only = [], []
+        for rank in range(cfg.ep_size):
+            physical.append(
+                map_and_record(
+                    ids[rank], l2p, replica_count, self.load_pass_topk[rank],
+                    record_enabled, num_unpadded_tokens[rank],
                 )
-                mapped_only.append(map_only(ids[rank], l2p, rc))
-            self._record_dispatched_counts(layer, mapped_only)
-            phys = torch.stack(physical)
-            scale = (weights * self.expert_scale[layer][phys.clamp_min(0)]).sum(-1, keepdim=True)
-            out = out + scale * torch.tanh(out @ self.mix[layer])
-            routed.append(ids)
-        return out, torch.stack(routed)
+            )
+            mapped_only.append(map_only(ids[rank], l2p, replica_count))
+        self._record_dispatched_counts(mapped_only, record_enabled, num_unpadded_tokens)
+        phys = torch.stack(physical)
+        scale = (weights * self.expert_scale[phys.clamp_min(0)]).sum(-1, keepdim=True)
+        return x + scale * torch.tanh(x @ self.mix), ids
 
-    def _record_dispatched_counts(self, layer: int, physical: list[torch.Tensor]) -> None:
+    def _record_dispatched_counts(
+        self, physical: list[torch.Tensor], record_enabled: torch.Tensor, num_unpadded_tokens: torch.Tensor
+    ) -> None:
         """What a dispatch backend does: count, per local expert, what each rank receives.
 
         Padded rows are never dispatched (their ids are dropped), which is how
@@ -142,7 +128,7 @@ class ToyMoEBlock(nn.Module):
         rows = torch.arange(cfg.tokens_per_rank, device=physical[0].device)
         dispatched = torch.cat(
             [
-                torch.where((rows < self.num_unpadded_tokens[rank]).unsqueeze(-1), phys, -1).reshape(-1)
+                torch.where((rows < num_unpadded_tokens[rank]).unsqueeze(-1), phys, -1).reshape(-1)
                 for rank, phys in enumerate(physical)
             ]
         )
@@ -151,12 +137,36 @@ class ToyMoEBlock(nn.Module):
         received.scatter_add_(0, torch.where(valid, dispatched, 0), valid.to(torch.int32))
         for rank in range(cfg.ep_size):
             start = rank * cfg.num_local
-            record_counts(
-                self.load_pass_counts[layer, rank],
-                received[start : start + cfg.num_local],
-                start,
-                self.record_enabled,
-            )
+            record_counts(self.load_pass_counts[rank], received[start : start + cfg.num_local], start, record_enabled)
+
+
+class ToyMoEBlock(nn.Module):
+    """``layers`` identical-shaped MoE layers; compiled per layer, one compile reused."""
+
+    def __init__(self, cfg: DemoConfig):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.layers = nn.ModuleList(ToyMoELayer(cfg, g) for _ in range(cfg.layers))
+        self.register_buffer("record_enabled", torch.ones((), dtype=torch.bool))
+        self.register_buffer("num_unpadded_tokens", torch.full((cfg.ep_size,), cfg.tokens_per_rank, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the block output and the routed ids ``[layers, ep_size, tokens, top_k]``."""
+        routed = []
+        for layer in self.layers:
+            x, ids = layer(x, self.record_enabled, self.num_unpadded_tokens)
+            routed.append(ids)
+        return x, torch.stack(routed)
+
+    def load_pass(self, lowering: Lowering) -> torch.Tensor:
+        """``[layers, ep_size, num_physical]`` as recorded through ``lowering``."""
+        return torch.stack([getattr(layer, f"load_pass_{lowering.value}") for layer in self.layers])
+
+    def zero_load_pass(self) -> None:
+        for layer in self.layers:
+            layer.load_pass_topk.zero_()
+            layer.load_pass_counts.zero_()
 
 
 def choose_lowerings(cfg: DemoConfig) -> list[tuple[str, Lowering, str]]:
@@ -184,7 +194,11 @@ class DemoResult:
 def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
     torch.manual_seed(cfg.seed)
     model = ToyMoEBlock(cfg).to(cfg.device)
-    runner = torch.compile(model, fullgraph=True) if compile else model
+    if compile:
+        # Regional compilation: the layers share code and shapes, so Dynamo
+        # compiles the first and reuses it for the rest.
+        for layer in model.layers:
+            layer.compile(fullgraph=True)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     loads = {lowering.value: [] for lowering in Lowering}
     reference, gate = [], []
@@ -195,13 +209,12 @@ def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
         padding = torch.randint(0, cfg.tokens_per_rank // 8 + 1, (cfg.ep_size,), generator=g)
         unpadded = (cfg.tokens_per_rank - padding).to(torch.int32)
         gate.append(record)
-        for buffer in (model.load_pass_topk, model.load_pass_counts):
-            buffer.zero_()
+        model.zero_load_pass()
         model.record_enabled.fill_(record)
         model.num_unpadded_tokens.copy_(unpadded)
         t0 = time.perf_counter()
         with torch.no_grad():
-            _, logical_ids = runner(x)
+            _, logical_ids = model(x)
         if cfg.device == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -211,7 +224,7 @@ def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
             run_seconds += elapsed
         for name in loads:
             # Summing the rank axis is the EP all-reduce.
-            loads[name].append(getattr(model, f"load_pass_{name}").sum(dim=1).cpu())
+            loads[name].append(model.load_pass(Lowering(name)).sum(dim=1).cpu())
         reference.append(_reference_load(model, logical_ids, unpadded, record))
     return DemoResult(
         choose_lowerings(cfg),
@@ -234,8 +247,8 @@ def _reference_load(
             ids = logical_ids[layer, rank].cpu()
             _, load[layer] = map_and_record_reference(
                 ids,
-                model.logical_to_physical_map[layer].cpu(),
-                model.logical_replica_count[layer].cpu(),
+                model.layers[layer].logical_to_physical_map.cpu(),
+                model.layers[layer].logical_replica_count.cpu(),
                 load[layer],
                 record,
                 int(unpadded[rank]),

@@ -205,8 +205,9 @@ def _record_torch(
     if num_unpadded_tokens is not None:
         flat = torch.arange(physical.shape[0], device=physical.device)
         record = record & (flat < num_unpadded_tokens.reshape(()).to(torch.int64) * k)
-    # An int32 scatter_add stays a fused loop in Inductor; int64 would not.
-    expert_load_view.scatter_add_(0, torch.where(record, physical, 0), record.to(torch.int32))
+    # An int32 accumulating index_put_ lowers to a fused loop with atomic adds;
+    # scatter_add_ would fall back to aten on CPU, and int64 on every device.
+    expert_load_view.index_put_((torch.where(record, physical, 0),), record.to(torch.int32), accumulate=True)
 
 
 def _map_and_record_torch(

@@ -1,0 +1,42 @@
+"""The CLI's main job: both lowerings agree with the reference, compiled."""
+
+import torch
+
+from eplb_compile.cli import main
+from eplb_compile.demo import DemoConfig, Lowering, format_report, run_demo, verify
+
+
+def test_compiled_demo_lowerings_agree_with_reference():
+    cfg = DemoConfig(layers=2, ep_size=2, num_logical=6, num_redundant=2, tokens_per_rank=64, steps=5,
+                     count_path_min_tokens=32)
+    result = run_demo(cfg, compile=True)
+    assert verify(result) == []
+    topk, counts = result.loads["topk"], result.loads["counts"]
+    assert torch.equal(topk, counts)
+    # The gate really turns recording off, and on-steps really record.
+    assert result.gate == [True, True, True, False, True]
+    assert topk[3].sum() == 0 and all(topk[s].sum() > 0 for s in (0, 1, 2, 4))
+    # Padding is dropped: never more than tokens * k per rank and layer are counted.
+    assert int(topk[0].sum(-1).max()) <= cfg.ep_size * cfg.tokens_per_rank * cfg.top_k
+    assert [lowering for _, lowering, _ in result.choices] == [Lowering.COUNTS, Lowering.TOPK]
+    assert "counts" in format_report(cfg, result)
+
+
+def test_verify_catches_a_wrong_count():
+    cfg = DemoConfig(layers=1, ep_size=2, num_logical=4, num_redundant=0, tokens_per_rank=16, steps=2)
+    result = run_demo(cfg, compile=False)
+    assert verify(result) == []
+    result.loads["counts"][1, 0, 0] += 1
+    assert verify(result) == ["counts: step 1 differs from the reference by 1 counts"]
+
+
+def test_cli_demo_eager_with_plot_and_window(tmp_path, capsys):
+    plot, window = tmp_path / "imbalance.png", tmp_path / "window.pt"
+    code = main(["demo", "--eager", "--steps", "3", "--tokens-per-rank", "32", "--plot", str(plot),
+                 "--save-window", str(window)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "OK: topk and count lowerings gave identical global loads" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert torch.load(window).shape == (3, 4, 20)
+    assert main(["plot", str(window), "--ep-size", "4", "--output", str(tmp_path / "heat.png")]) == 0
