@@ -1,0 +1,164 @@
+"""Load-imbalance metrics on hand-computed examples, and the PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+import struct
+
+import pytest
+import torch
+
+from eplb_compile.metrics import balancedness, imbalance_max_over_mean, imbalance_trtllm, rank_loads
+from eplb_compile.plots import add_plot_arguments, plot_command, plot_imbalance_over_steps, plot_load_heatmap
+
+# Two layers, four physical experts. With ep_size=2, rank 0 owns experts 0-1:
+#   layer 0: ranks get 1+2=3 and 3+4=7 -> mean 5, max 7
+#   layer 1: ranks get 0 and 10          -> mean 5, max 10
+PASS = torch.tensor([[1, 2, 3, 4], [0, 0, 5, 5]], dtype=torch.int32)
+# The same totals spread over two steps, each step unlike the total, so a
+# metric that looks at one step only gets a different answer.
+WINDOW = torch.tensor(
+    [[[1, 0, 3, 0], [0, 0, 5, 0]],
+     [[0, 2, 0, 4], [0, 0, 0, 5]]], dtype=torch.int32
+)
+
+
+@pytest.mark.parametrize("load", [PASS, WINDOW], ids=["pass", "window"])
+def test_hand_computed_ep2(load):
+    assert rank_loads(load, 2).tolist() == [[3.0, 7.0], [0.0, 10.0]]
+    assert balancedness(load, 2) == pytest.approx((5 + 5) / (7 + 10), rel=1e-15)
+    assert imbalance_max_over_mean(load, 2).tolist() == pytest.approx([7 / 5, 10 / 5], rel=1e-15)
+    assert imbalance_trtllm(load, 2).tolist() == pytest.approx([(7 - 5) / 5, (10 - 5) / 5], rel=1e-15)
+
+
+@pytest.mark.parametrize("load", [PASS, WINDOW], ids=["pass", "window"])
+def test_hand_computed_ep4(load):
+    # One expert per rank: layer 0 mean 2.5 max 4; layer 1 mean 2.5 max 5.
+    assert rank_loads(load, 4).tolist() == [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 5.0]]
+    assert balancedness(load, 4) == pytest.approx((2.5 + 2.5) / (4 + 5), rel=1e-15)
+    assert imbalance_max_over_mean(load, 4).tolist() == pytest.approx([4 / 2.5, 5 / 2.5], rel=1e-15)
+    assert imbalance_trtllm(load, 4).tolist() == pytest.approx([1.5 / 2.5, 2.5 / 2.5], rel=1e-15)
+
+
+def test_single_step_of_window_differs_from_total():
+    # Guards the window summation: step 0 alone has layer 0 ranks at 1 and 3.
+    assert imbalance_max_over_mean(WINDOW[0], 2).tolist() == pytest.approx([3 / 2, 5 / 2.5])
+    assert imbalance_max_over_mean(WINDOW, 2).tolist() != imbalance_max_over_mean(WINDOW[0], 2).tolist()
+
+
+def test_trtllm_is_computed_as_written():
+    # Ranks 2 and 1: mean 1.5. (2 - 1.5) / 1.5 == 1/3 exactly in float64,
+    # while 2 / 1.5 - 1 rounds to 0.33333333333333326.
+    load = torch.tensor([[2, 1]])
+    assert imbalance_trtllm(load, 2).item() == 1 / 3
+
+
+def test_balanced_and_empty_loads():
+    balanced = torch.full((3, 8), 6, dtype=torch.int32)
+    assert balancedness(balanced, 4) == 1.0
+    assert imbalance_max_over_mean(balanced, 4).tolist() == [1.0, 1.0, 1.0]
+    assert imbalance_trtllm(balanced, 4).tolist() == [0.0, 0.0, 0.0]
+    empty = torch.zeros(2, 8, dtype=torch.int32)
+    # vLLM logs balancedness 0.0 when no token was recorded.
+    assert balancedness(empty, 4) == 0.0
+    # An empty layer is balanced, never NaN.
+    mixed = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 3]])
+    assert imbalance_max_over_mean(mixed, 2).tolist() == [1.0, 1.5]
+    assert imbalance_trtllm(mixed, 2).tolist() == [0.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    "load, ep_size, message",
+    [
+        (torch.zeros(2, 6, dtype=torch.int32), 4, "do not split evenly"),
+        (torch.zeros(3, 2, 6, dtype=torch.int32), 4, "do not split evenly"),
+        (torch.zeros(2, 8, dtype=torch.int32), 0, "ep_size must be positive"),
+        (torch.zeros(8, dtype=torch.int32), 2, "must be \\[layers, physical\\]"),
+        (torch.zeros(1, 1, 2, 8, dtype=torch.int32), 2, "must be \\[layers, physical\\]"),
+    ],
+)
+@pytest.mark.parametrize("metric", [rank_loads, balancedness, imbalance_max_over_mean, imbalance_trtllm])
+def test_errors(metric, load, ep_size, message):
+    with pytest.raises(ValueError, match=message):
+        metric(load, ep_size)
+
+
+def test_balancedness_matches_vllm():
+    """Against vLLM 0.33.0's own statistics, computed as ``EplbState.step`` does."""
+    eplb_state = pytest.importorskip("vllm.distributed.eplb.eplb_state")
+    generator = torch.Generator().manual_seed(0)
+    for layers, physical, ep_size in [(3, 16, 4), (5, 288, 8), (1, 6, 6)]:
+        load = torch.randint(0, 1000, (layers, physical), generator=generator, dtype=torch.int32)
+        num_tokens_per_rank = load.reshape(layers, ep_size, -1).sum(dim=-1).float()
+        avg, max_ = eplb_state._compute_eplb_load_stats(num_tokens_per_rank)
+        assert balancedness(load, ep_size) == pytest.approx(float(avg) / float(max_), rel=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Plots: a real PNG comes out.
+# --------------------------------------------------------------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == _PNG_SIGNATURE
+    # The first chunk of a PNG is IHDR: width and height, big-endian.
+    assert data[12:16] == b"IHDR"
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_imbalance_over_steps(tmp_path):
+    window = torch.randint(0, 50, (12, 3, 16), generator=torch.Generator().manual_seed(1))
+    series = torch.stack([imbalance_max_over_mean(window[: s + 1], 4) for s in range(12)])
+    path = plot_imbalance_over_steps({"topk": series, "counts": series.clone()}, tmp_path / "imbalance.png")
+    width, height = _png_size(path)
+    assert width > 300 and height > 200
+
+
+def test_plot_imbalance_rejects_bad_series(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plot_imbalance_over_steps({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"\[steps, layers\]"):
+        plot_imbalance_over_steps({"topk": torch.ones(5)}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (4, 3, 16)], ids=["pass", "window"])
+def test_plot_load_heatmap(tmp_path, shape):
+    load = torch.randint(0, 50, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    width, height = _png_size(plot_load_heatmap(load, 4, tmp_path / "heatmap.png"))
+    assert width > 200 and height > 150
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_plot_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_plot_command(tmp_path, capsys):
+    window = torch.randint(0, 50, (4, 3, 16), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    torch.save(window, tmp_path / "window.pt")
+    out = tmp_path / "heatmap.png"
+    assert plot_command(_parse([str(tmp_path / "window.pt"), "--ep-size", "4", "-o", str(out)])) == 0
+    assert _png_size(out)[0] > 200
+
+    # Errors are reported, with exit status 2 and no PNG.
+    bad = tmp_path / "bad.png"
+    assert plot_command(_parse([str(tmp_path / "window.pt"), "--ep-size", "3", "-o", str(bad)])) == 2
+    torch.save({"load": window}, tmp_path / "dict.pt")
+    assert plot_command(_parse([str(tmp_path / "dict.pt"), "--ep-size", "4", "-o", str(bad)])) == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a tensor")
+    assert plot_command(_parse([str(tmp_path / "junk.pt"), "--ep-size", "4", "-o", str(bad)])) == 2
+    assert not bad.exists()
+    assert capsys.readouterr().err.count("eplb-compile plot:") == 3
+
+
+def test_one_hot_rank():
+    # Eight ranks, one expert each: 101 tokens, 100 of them on rank 0.
+    load = torch.tensor([[100, 0, 0, 0, 0, 0, 0, 1]])
+    assert balancedness(load, 8) == pytest.approx((101 / 8) / 100, rel=1e-15)
+    assert imbalance_max_over_mean(load, 8).item() == pytest.approx(100 / (101 / 8), rel=1e-15)
