@@ -102,7 +102,8 @@ def _check_map_args(
 ) -> None:
     torch._check_type(
         topk_ids.dtype in _INDEX_DTYPES,
-        lambda: f"topk_ids must be an integer tensor, got {topk_ids.dtype}",
+        lambda: f"topk_ids must be an integer tensor, got {topk_ids.dtype} "
+        "(expected int8, uint8, int16, int32 or int64)",
     )
     torch._check_value(
         topk_ids.dim() == 2, lambda: f"topk_ids must be 2-D [tokens, k], got shape {tuple(topk_ids.shape)}"

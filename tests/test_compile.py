@@ -1,6 +1,8 @@
 """The compile contract: no graph breaks, one compile across token counts,
 and a count path that Inductor fuses instead of calling out."""
 
+import re
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -108,3 +110,25 @@ def test_bad_input_fails_at_trace_time():
 
     with pytest.raises(Exception, match="overrun expert_load_view"):
         bad(torch.zeros(12, dtype=torch.int32), torch.ones(3, dtype=torch.int32), torch.tensor(True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inductor_sees_the_triton_kernels_on_cuda():
+    case, counts = _args(5, 300, "cuda")
+    want_ids, want_load = map_and_record_reference(
+        case.topk_ids.cpu(), case.l2p.cpu(), case.replica_count.cpu(), case.load.cpu(), True, 298,
+    )
+    want_load = record_counts_reference(want_load, counts.cpu(), 4, True)
+    compiled = torch.compile(topk_then_count, fullgraph=True)
+    (physical, mapped), codes = run_and_get_code(
+        compiled, case.topk_ids, case.l2p, case.replica_count, case.load, case.record_enabled,
+        case.num_unpadded_tokens, counts, 4,
+    )
+    code = "\n".join(codes)
+    assert torch.equal(physical.cpu(), want_ids) and torch.equal(mapped.cpu(), want_ids)
+    assert torch.equal(case.load.cpu(), want_load)
+    # The user Triton kernel is inlined into the output code (not an opaque op),
+    # and the count path became an Inductor-generated Triton kernel.
+    FileCheck().check("def _map_and_record_kernel").run(code)
+    FileCheck().check("def call(").check_not("torch.ops.eplb_compile").check_not("extern_kernels.").run(code)
+    assert re.search(r"def triton_\w+\(", code), "no Inductor-generated kernel for the count path"
