@@ -86,13 +86,16 @@ def _record_counts_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    # The gate is read on the device so CUDA graphs replay it without re-capture.
-    mask = (offs < n) & (tl.load(record_enabled_ptr) != 0)
-    counts = tl.load(counts_ptr + offs * counts_stride, mask=mask, other=0)
+    in_range = offs < n
+    # The loads do not wait for the gate (one memory round trip, not two);
+    # the gate, read on the device so CUDA graphs replay it without
+    # re-capture, only masks the store.
+    counts = tl.load(counts_ptr + offs * counts_stride, mask=in_range, other=0)
+    current = tl.load(load_ptr + start + offs, mask=in_range, other=0)
+    enabled = tl.load(record_enabled_ptr) != 0
     # Each element is owned by one thread and the slice is disjoint: a plain
     # read-modify-write is exact and cheaper than atomics.
-    current = tl.load(load_ptr + start + offs, mask=mask, other=0)
-    tl.store(load_ptr + start + offs, current + counts, mask=mask)
+    tl.store(load_ptr + start + offs, current + counts, mask=in_range & enabled)
 
 
 def _launch(kernel, wrap: bool):

@@ -1,0 +1,74 @@
+"""GPU kernels (Triton, and NVRTC-compiled CUDA) and the eager variant choice.
+
+Importing this package needs Triton; ``eplb_compile.ops`` imports it lazily
+and only registers CUDA implementations when Triton is present. The CUDA
+kernels are compiled on their first launch, never at import.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from eplb_compile.kernels import cuda_histogram
+from eplb_compile.kernels.triton_kernels import launch_map, launch_record_counts
+
+# Which kernel the eager topk path runs, by flat element count T * k: rows of
+# (min_numel, variant) in ascending order, the last row with min_numel <= numel
+# wins. "triton" is the one-atomic-per-element kernel of triton_kernels.py; the
+# other names are cuda_histogram.VARIANTS. The benchmark (`eplb-compile bench
+# --topk-plan auto`) measures every variant and prints the plan to put here.
+# Until the CUDA variants have been measured on a GPU, everything stays Triton.
+TOPK_PLAN: tuple[tuple[int, str], ...] = ((0, "triton"),)
+
+_cuda_failure: Exception | None = None
+
+
+def topk_variant(numel: int) -> str:
+    """The variant TOPK_PLAN picks for ``numel`` elements (a shape: no sync)."""
+    chosen = "triton"
+    for min_numel, variant in TOPK_PLAN:
+        if numel < min_numel:
+            break
+        chosen = variant
+    return chosen
+
+
+def map_and_record_cuda(
+    topk_ids: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    expert_load_view: torch.Tensor,
+    record_enabled: torch.Tensor,
+    num_unpadded_tokens: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Eager CUDA map+record into ``out``: picks the kernel variant from the shape alone."""
+    global _cuda_failure
+    variant = topk_variant(topk_ids.numel())
+    if variant != "triton" and _cuda_failure is None:
+        try:
+            # Falls back to Triton by itself where the CUDA kernel does not apply.
+            cuda_histogram.VARIANTS[variant](
+                topk_ids, logical_to_physical_map, logical_replica_count,
+                expert_load_view, record_enabled, num_unpadded_tokens, out,
+            )
+            return
+        except RuntimeError as error:
+            # NVRTC or the driver failed before anything was launched: a
+            # missing toolchain must not take the forward pass down.
+            _cuda_failure = error
+            warnings.warn(f"eplb_compile: CUDA topk kernels unavailable, using Triton: {error}", stacklevel=2)
+    launch_map(
+        topk_ids,
+        logical_to_physical_map,
+        logical_replica_count,
+        out,
+        expert_load_view,
+        record_enabled,
+        num_unpadded_tokens,
+    )
+
+
+__all__ = ["TOPK_PLAN", "launch_map", "launch_record_counts", "map_and_record_cuda", "topk_variant"]

@@ -1,0 +1,338 @@
+"""vLLM 0.33.0's router kernel against eplb_compile, and the count path in a CUDA graph.
+
+For the GPU machine (torch 2.11, Triton 3.6, no vLLM install)::
+
+    bash tests/device/make_vllm_bundle.sh          # once, where pip works: builds .vllm_src/
+    python3 tests/device/vllm_kernel_check.py --vllm-src .vllm_src   # carry .vllm_src
+
+``--vllm-src`` (or ``EPLB_VLLM_SRC``) is a folder holding
+``vllm/model_executor/layers/fused_moe/router/base_router.py``; vLLM itself is
+never imported. Checks:
+
+1. fuzz: ``_eplb_map_and_record_i32_kernel`` through vLLM's own launcher
+   against ``eplb_compile.map_and_record`` on random inputs (int8 to int64
+   ids, invalid and wrapping ids, replicas, huge map entries, loads shorter
+   than the map, with and without ``num_unpadded_tokens``, gate on and off,
+   T from 0 to 8192, k from 1 to 10). Physical ids and loads must be
+   bit-identical; outputs land in poisoned memory, loads start non-zero.
+2. graph: both captured in CUDA graphs, replayed on new ids with the gate and
+   ``num_unpadded_tokens`` changed between replays.
+3. toy MoE: a MoE block built from our ops (route, map, dispatch to this
+   rank's experts, experts, combine) with the count path captured in one CUDA
+   graph and replayed: the load must equal the reference counts of the real
+   rows, and the output must equal the eager forward. vLLM's own modular
+   kernel cannot run here: importing ``vllm.model_executor.layers.fused_moe``
+   calls ``torch.ops._C`` at import time (DESIGN §2.5), so its forward is
+   tested on CPU in ``tests/integration`` instead.
+
+Prints a PASS/FAIL table; exits 1 on any failure. With ``--device cpu`` and
+``TRITON_INTERPRET=1`` it checks its own logic on CPU: the fuzz through
+Triton's interpreter, the toy MoE eagerly, no graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo, when not installed
+
+import eplb_compile as ec  # noqa: E402
+from eplb_compile._vllm_kernel_loader import load_vllm_router_kernel  # noqa: E402
+from eplb_compile.reference import map_to_physical_reference  # noqa: E402
+
+ID_DTYPES = [torch.int32, torch.int64, torch.int32, torch.int64, torch.int16, torch.uint8]
+EDGE_TOKENS = [0, 1, 2, 3, 255, 256, 257, 1023, 4097, 8192]
+
+
+# --------------------------------------------------------------------------
+# 1. Fuzz: vLLM's launcher against ours, eager.
+# --------------------------------------------------------------------------
+
+
+def random_case(rng: random.Random, device: str, max_tokens: int):
+    """Random inputs on which vLLM's kernel stays in bounds.
+
+    vLLM reads ``l2p[e, hash % max(count, 1)]`` without checking the slots;
+    ours marks a replica past them invalid (our one deviation). So counts here
+    never exceed the slots; everything else is fair game.
+    """
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    tokens = min(rng.choice(EDGE_TOKENS) if rng.random() < 0.4 else rng.randint(0, 8192), max_tokens)
+    k = rng.randint(1, 10)
+    id_dtype = rng.choice(ID_DTYPES)
+    num_logical = rng.randint(1, 127 if id_dtype in (torch.int16, torch.uint8) else 300)
+    slots = rng.randint(1, 4)
+    num_physical_ids = num_logical + rng.randint(0, 64)
+    l2p = torch.randint(0, num_physical_ids, (num_logical, slots), generator=g)
+    replicas = torch.randint(-1, slots + 1, (num_logical,), generator=g).clamp_max(slots)  # <= slots, some < 1
+    l2p[torch.rand(l2p.shape, generator=g) < 0.1] = -1  # holes, inside and past the counts
+    if rng.random() < 0.3:
+        l2p[0, 0] = (1 << 35) + 3  # in the map, far past any load: mapped, never counted
+    low, high = (0, num_logical + 4) if id_dtype == torch.uint8 else (-3, num_logical + 3)
+    ids = torch.randint(low, high, (tokens, k), generator=g)
+    if id_dtype == torch.int64 and tokens:
+        ids[0, 0] = (1 << 32) + min(2, num_logical - 1)  # vLLM reads ids as int32: wraps to a valid id
+        ids[-1, -1] = -(1 << 33) + 1
+    num_physical = max(1, num_physical_ids - rng.randint(0, 3))  # a load shorter than the map sometimes
+    load = torch.randint(0, 1000, (num_physical,), generator=g, dtype=torch.int32)
+    record = rng.random() < 0.75
+    num_unpadded = None if rng.random() < 0.4 else rng.randint(0, tokens + 2)
+    rc_dtype = rng.choice([torch.int64, torch.int32])
+    case = dict(
+        ids=ids.to(id_dtype).to(device),
+        l2p=l2p.to(device),
+        replicas=replicas.to(rc_dtype).to(device),
+        load=load.to(device),
+        record=torch.tensor(record, device=device),
+        num_unpadded=None if num_unpadded is None else torch.tensor(num_unpadded, dtype=torch.int32, device=device),
+    )
+    label = (f"T={tokens} k={k} {str(id_dtype)[6:]} L={num_logical} slots={slots} P={num_physical} "
+             f"rc={str(rc_dtype)[6:]} record={record} num_unpadded={num_unpadded}")
+    return case, label
+
+
+def poison_allocator(numel: int, device: str) -> None:
+    """Fill the blocks the next allocations will get with junk.
+
+    Neither launcher takes an output buffer; both ``torch.empty`` theirs, which
+    the caching allocator serves from these freed blocks.
+    """
+    for _ in range(2):
+        junk = torch.full((numel * 2 + 1024,), -0x3A3A3A3B, dtype=torch.int32, device=device)
+        del junk
+
+
+def run_vllm(vllm, case):
+    load = case["load"].clone()
+    poison_allocator(case["ids"].numel(), case["ids"].device.type)
+    ids = vllm._eplb_map_and_record_triton(
+        case["ids"], case["l2p"], case["replicas"], load, case["record"], case["num_unpadded"]
+    )
+    return ids, load
+
+
+def run_ours(case):
+    load = case["load"].clone()
+    poison_allocator(case["ids"].numel(), case["ids"].device.type)
+    ids = ec.map_and_record(case["ids"], case["l2p"], case["replicas"], load, case["record"], case["num_unpadded"])
+    return ids, load
+
+
+def check_fuzz(vllm, args) -> tuple[bool, str]:
+    rng = random.Random(args.seed)
+    bad = []
+    deadline = time.monotonic() + args.budget_s
+    ran = 0
+    for index in range(args.cases):
+        if time.monotonic() > deadline:  # Triton compiles a variant per new shape class
+            break
+        ran += 1
+        case, label = random_case(rng, args.device, args.max_tokens)
+        want_ids, want_load = run_vllm(vllm, case)
+        got_ids, got_load = run_ours(case)
+        same = (
+            got_ids.dtype == want_ids.dtype
+            and got_ids.shape == want_ids.shape
+            and torch.equal(got_ids, want_ids)
+            and torch.equal(got_load, want_load)
+        )
+        if same and case["ids"].numel() <= 2000:  # and both agree with the element-wise semantics
+            reference = map_to_physical_reference(case["ids"].cpu(), case["l2p"].cpu(), case["replicas"].cpu())
+            same = torch.equal(got_ids.reshape(-1).cpu().to(torch.int64),
+                               torch.tensor(reference, dtype=torch.int64).to(got_ids.dtype).to(torch.int64))
+        if not same:
+            bad.append(f"case {index}: {label}")
+    for line in bad[:10]:
+        print("  MISMATCH", line)
+    budget = f" (time budget: {ran} of {args.cases} ran)" if ran < args.cases else ""
+    return not bad and ran > 0, f"{ran - len(bad)}/{ran} cases bit-identical (ids and load){budget}"
+
+
+# --------------------------------------------------------------------------
+# 2. Both kernels inside CUDA graphs.
+# --------------------------------------------------------------------------
+
+
+def check_graph_replay(vllm, args) -> tuple[bool, str]:
+    device, tokens, k = "cuda", 512, 8
+    g = torch.Generator().manual_seed(args.seed + 1)
+    l2p = torch.randint(0, 288, (256, 3), generator=g)
+    replicas = torch.randint(1, 4, (256,), generator=g)
+    l2p, replicas = l2p.to(device), replicas.to(device)
+    ids = torch.zeros((tokens, k), dtype=torch.int64, device=device)
+    gate = torch.ones((), dtype=torch.bool, device=device)
+    unpadded = torch.tensor(tokens, dtype=torch.int32, device=device)
+    loads = {name: torch.zeros(288, dtype=torch.int32, device=device) for name in ("vllm", "ours")}
+    run = {
+        "vllm": lambda: vllm._eplb_map_and_record_triton(ids, l2p, replicas, loads["vllm"], gate, unpadded),
+        "ours": lambda: ec.map_and_record(ids, l2p, replicas, loads["ours"], gate, unpadded),
+    }
+    graphs, outs = {}, {}
+    for name, fn in run.items():
+        fn()  # compile outside the capture
+        torch.cuda.synchronize()
+        loads[name].zero_()
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            outs[name] = fn()
+        loads[name].zero_()
+    for replay in range(6):
+        ids.copy_(torch.randint(-1, 257, (tokens, k), generator=g))
+        gate.fill_(replay % 3 != 1)
+        unpadded.fill_([tokens, 300, 0, 511, 1, tokens][replay])
+        for name in run:
+            outs[name].fill_(-7)
+            graphs[name].replay()
+        torch.cuda.synchronize()
+        if not (torch.equal(outs["vllm"], outs["ours"]) and torch.equal(loads["vllm"], loads["ours"])):
+            return False, f"replay {replay} differs"
+    if loads["ours"].sum() == 0:
+        return False, "nothing was recorded"
+    return True, "6 replays, gate and num_unpadded changed between them: identical"
+
+
+# --------------------------------------------------------------------------
+# 3. A toy MoE block from our ops, count path in one CUDA graph.
+# --------------------------------------------------------------------------
+
+
+class ToyMoE:
+    """What one EP rank of vLLM's modular kernel does, from our ops.
+
+    route (softmax top-k) -> map to physical (map_only, padded rows to -1, as
+    the plugin does) -> dispatch to this rank's experts, counting the tokens
+    each receives (the backend's ``expert_num_tokens``) -> SiLU MLP experts
+    -> weighted combine -> ``record_counts(load, counts, ep_rank * L, gate)``.
+    """
+
+    def __init__(self, l2p, replicas, ep_rank, num_local, hidden, inter, top_k, seed, device):
+        g = torch.Generator().manual_seed(seed)
+        self.l2p, self.replicas, self.top_k = l2p.to(device), replicas.to(device), top_k
+        self.start, self.num_local = ep_rank * num_local, num_local
+        self.w1 = (torch.randn((num_local, inter, hidden), generator=g) * 0.1).to(device)
+        self.w2 = (torch.randn((num_local, hidden, inter), generator=g) * 0.1).to(device)
+
+    def forward(self, x, logits, is_padding, load, gate):
+        weights, logical = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        physical = ec.map_only(logical, self.l2p, self.replicas).masked_fill(is_padding.unsqueeze(1), -1)
+        local = physical - self.start
+        mine = (local >= 0) & (local < self.num_local)
+        slot = torch.where(mine, local, 0)
+        counts = torch.zeros(self.num_local, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, slot.reshape(-1), mine.reshape(-1).to(torch.int32))  # expert_num_tokens
+        h = torch.nn.functional.silu(torch.einsum("th,tkih->tki", x, self.w1[slot]))
+        y = torch.einsum("tki,tkhi->tkh", h, self.w2[slot])
+        out = (y * (weights * mine).unsqueeze(-1)).sum(dim=1)
+        ec.record_counts(load, counts, self.start, gate)
+        return out, logical
+
+
+def check_toy_moe(args) -> tuple[bool, str]:
+    """The count path captured once, replayed with new routing, padding and gate."""
+    device, tokens, hidden, inter, top_k = args.device, 256, 64, 32, 6
+    num_logical, num_physical, ep_size, ep_rank = 64, 80, 4, 2  # 16 redundant, 20 local experts
+    g = torch.Generator().manual_seed(args.seed + 2)
+    l2p = torch.full((num_logical, 2), -1, dtype=torch.int64)
+    l2p[:, 0] = torch.randperm(num_physical, generator=g)[:num_logical]
+    l2p[:16, 1] = torch.tensor(sorted(set(range(num_physical)) - set(l2p[:, 0].tolist())))
+    replicas = torch.tensor([2] * 16 + [1] * (num_logical - 16))
+    moe = ToyMoE(l2p, replicas, ep_rank, num_physical // ep_size, hidden, inter, top_k, args.seed, device)
+
+    x = torch.zeros((tokens, hidden), device=device)
+    logits = torch.zeros((tokens, num_logical), device=device)
+    is_padding = torch.zeros(tokens, dtype=torch.bool, device=device)
+    gate = torch.ones((), dtype=torch.bool, device=device)
+    load = torch.zeros(num_physical, dtype=torch.int32, device=device)
+    if device == "cuda":
+        moe.forward(x, logits, is_padding, load, gate)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, static_logical = moe.forward(x, logits, is_padding, load, gate)
+        replay = graph.replay
+    else:  # the same steps, eager: checks this script's logic where there is no GPU
+        static = {}
+
+        def replay():
+            static["out"], static["logical"] = moe.forward(x, logits, is_padding, load, gate)
+    load.zero_()
+
+    expected = torch.zeros(num_physical, dtype=torch.int64)
+    lo, hi = moe.start, moe.start + moe.num_local
+    for step, (num_real, record) in enumerate([(256, True), (200, True), (17, False), (0, True), (131, True)]):
+        x.copy_(torch.randn((tokens, hidden), generator=g))
+        logits.copy_(torch.randn((tokens, num_logical), generator=g))
+        is_padding.copy_(torch.arange(tokens) >= num_real)
+        gate.fill_(record)
+        if device == "cuda":
+            static_out.fill_(float("nan"))
+            replay()
+            torch.cuda.synchronize()
+        else:
+            replay()
+            static_out, static_logical = static["out"], static["logical"]
+        eager_out, _ = moe.forward(x, logits, is_padding, torch.zeros_like(load), gate)
+        if not torch.allclose(static_out, eager_out, rtol=1e-4, atol=1e-5):
+            return False, f"replay {step}: output differs from the eager forward"
+        if record:
+            physical = torch.tensor(
+                map_to_physical_reference(static_logical[:num_real].cpu(), l2p, replicas), dtype=torch.int64
+            )
+            expected += torch.bincount(physical[(physical >= lo) & (physical < hi)], minlength=num_physical)
+        if not torch.equal(load.cpu().to(torch.int64), expected):
+            return False, f"replay {step}: load differs from the reference counts"
+    if expected.sum() == 0 or load[:lo].any() or load[hi:].any():
+        return False, "nothing recorded, or recorded outside this rank's experts"
+    how = "CUDA graph replays" if device == "cuda" else "eager steps (no GPU: no graph)"
+    return True, f"5 {how}, 0 to 256 padded rows, gate toggled: load = reference; rank {ep_rank} of {ep_size}"
+
+
+# --------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vllm-src", default=os.environ.get("EPLB_VLLM_SRC", ".vllm_src"))
+    parser.add_argument("--cases", type=int, default=300)
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=70.0, help="stop the fuzz after this long")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args()
+
+    vllm = load_vllm_router_kernel(args.vllm_src)
+    print(f"vLLM router kernel from {args.vllm_src}: sha256 {vllm.source_sha256[:16]}... "
+          f"({'vLLM 0.33.0' if vllm.matches_vllm_0_33_0 else 'NOT the vLLM 0.33.0 source'})")
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
+
+    checks = [("fuzz vs vLLM kernel", check_fuzz)]
+    if args.device == "cuda":
+        checks.append(("CUDA graph vs vLLM kernel", check_graph_replay))
+    checks.append(("toy MoE count path in CUDA graph", lambda _, a: check_toy_moe(a)))
+    results = [("vLLM source is 0.33.0", vllm.matches_vllm_0_33_0, vllm.source_sha256[:16])]
+    for name, check in checks:
+        try:
+            ok, detail = check(vllm, args)
+        except Exception:  # a crash is a failure with its traceback, not an abort of the table
+            traceback.print_exc()
+            ok, detail = False, "raised (traceback above)"
+        results.append((name, ok, detail))
+    if args.device == "cpu":
+        results.append(("CUDA graph vs vLLM kernel", None, "skipped: --device cpu"))
+
+    print(f"\n{'check':36} {'result':6} detail")
+    for name, ok, detail in results:
+        print(f"{name:36} {'SKIP' if ok is None else 'PASS' if ok else 'FAIL':6} {detail}")
+    return 0 if all(ok is not False for _, ok, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
