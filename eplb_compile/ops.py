@@ -254,11 +254,17 @@ def _map_and_record_triton(
     kernels = _triton_kernels()
     out = torch.empty(topk_ids.shape, dtype=topk_ids.dtype, device=topk_ids.device)
     if wrap:
-        # Under compile, trace the Triton kernel Inductor can see into.
+        # Under compile, trace the Triton kernel so Inductor can see into it.
+        # It records into a fresh buffer that is then added to the load: in
+        # torch 2.11 Inductor miscompiles a user kernel that mutates a view
+        # with a storage offset (a row of expert_load_pass), while an aten
+        # add into such a view is lowered correctly.
+        fresh_load = torch.zeros_like(expert_load_view)
         kernels.launch_map(
             topk_ids, logical_to_physical_map, logical_replica_count, out,
-            expert_load_view, record_enabled, num_unpadded_tokens, wrap=True,
+            fresh_load, record_enabled, num_unpadded_tokens, wrap=True,
         )
+        expert_load_view.add_(fresh_load)
     else:
         kernels.map_and_record_cuda(
             topk_ids, logical_to_physical_map, logical_replica_count,

@@ -18,7 +18,8 @@ from tests.cases import DEVICES, make_case
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False):
+    # No cache hits: each test must really lower its graph.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()
 
@@ -132,3 +133,32 @@ def test_inductor_sees_the_triton_kernels_on_cuda():
     FileCheck().check("def _map_and_record_kernel").run(code)
     FileCheck().check("def call(").check_not("torch.ops.eplb_compile").check_not("extern_kernels.").run(code)
     assert re.search(r"def triton_\w+\(", code), "no Inductor-generated kernel for the count path"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_topk_on_rows_of_a_load_pass(device):
+    # vLLM's expert_load_view is a row of expert_load_pass: a view with a
+    # storage offset. torch 2.11's Inductor miscompiled a user kernel that
+    # mutates such a view; this pins the workaround in ops.py.
+    ranks, tokens, k = 4, 96, 2
+    case = make_case(9, tokens, k, 16, 2, 20, torch.int64, contiguous=True, num_unpadded=None, gate=True).to(device)
+    ids = torch.randint(0, 16, (ranks, tokens, k), generator=torch.Generator().manual_seed(3)).to(device)
+    unpadded = torch.tensor([96, 90, 0, 50], dtype=torch.int32, device=device)
+
+    def on_rows(ids, load_pass, gate, unpadded):
+        return torch.stack([
+            eplb_compile.map_and_record(ids[r], case.l2p, case.replica_count, load_pass[r], gate, unpadded[r])
+            for r in range(ranks)
+        ])
+
+    want_load = torch.zeros(ranks, 20, dtype=torch.int32)
+    want_ids = []
+    for r in range(ranks):
+        got_ids, want_load[r] = map_and_record_reference(
+            ids[r].cpu(), case.l2p.cpu(), case.replica_count.cpu(), want_load[r], True, int(unpadded[r])
+        )
+        want_ids.append(got_ids)
+    load_pass = torch.zeros(ranks, 20, dtype=torch.int32, device=device)
+    physical = torch.compile(on_rows, fullgraph=True)(ids, load_pass, case.record_enabled, unpadded)
+    assert torch.equal(physical.cpu(), torch.stack(want_ids))
+    assert torch.equal(load_pass.cpu(), want_load)
