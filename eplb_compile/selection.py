@@ -49,18 +49,20 @@ def count_path_min_tokens() -> int:
 
 
 def select_lowering(
-    expert_num_tokens: torch.Tensor | None, num_tokens: int, *, min_tokens: int | None = None
+    expert_num_tokens: torch.Tensor | bool | None, num_tokens: int, *, min_tokens: int | None = None
 ) -> LoweringChoice:
     """Pick the lowering for a layer from what is known at launch.
 
     Args:
         expert_num_tokens: the prepare/finalize backend's exact, unaligned
-            per-local-physical-expert counts, or None when it has none.
+            per-local-physical-expert counts, or None when it has none. A
+            router that must choose before ``prepare`` runs passes True
+            ("this backend will provide them") or False/None.
         num_tokens: tokens on this rank in this forward (a shape, never a
             device value, so choosing costs no sync).
         min_tokens: crossover override; defaults to :func:`count_path_min_tokens`.
     """
-    if expert_num_tokens is None:
+    if expert_num_tokens is None or expert_num_tokens is False:
         return LoweringChoice(Lowering.TOPK, "backend provides no exact per-expert counts")
     threshold = count_path_min_tokens() if min_tokens is None else min_tokens
     if num_tokens < threshold:

@@ -35,3 +35,8 @@ def test_environment_override(monkeypatch):
 def test_reason_names_the_numbers():
     choice = select_lowering(COUNTS, 300, min_tokens=256)
     assert "300" in choice.reason and "256" in choice.reason
+
+
+def test_a_router_can_choose_before_prepare_with_a_bool():
+    assert select_lowering(True, 300, min_tokens=256).lowering is Lowering.COUNTS
+    assert select_lowering(False, 300, min_tokens=256).lowering is Lowering.TOPK

@@ -1,0 +1,521 @@
+"""The vLLM plugin against the real vLLM 0.33.0, on CPU, with no vLLM class mocked.
+
+A layer here is what vLLM builds for a MoE layer with EPLB: ``FusedMoEFactory``
+gives a ``MoERunner`` (router with an ``EplbLayerState``, routed experts), run
+through ``MoERunner.forward``. Its modular kernel is vLLM's
+``BatchedPrepareAndFinalize`` with ``NaiveBatchedExperts``, the one pairing
+that runs on CPU; its EPLB tensors are rows of ``[layers, ...]`` buffers, as
+``EplbState`` hands them out.
+
+On CPU, vLLM's own ``eplb_map_to_physical_and_record`` neither maps nor
+records (it returns ``topk_ids``), so expected loads are computed here from
+the logical ids the router chose (vLLM's ``capture_fn`` hook), mapped by the
+element-wise reference in ``eplb_compile.reference`` and counted with
+``torch.bincount``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.config import CompilationConfig, VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.config.compilation import CompilationMode  # noqa: E402
+from vllm.forward_context import set_forward_context  # noqa: E402
+from vllm.model_executor.custom_op import op_registry  # noqa: E402
+from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG  # noqa: E402
+from vllm.model_executor.layers.fused_moe.experts.fused_batched_moe import (  # noqa: E402
+    NaiveBatchedExperts,
+)
+from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory  # noqa: E402
+from vllm.model_executor.layers.fused_moe.modular_kernel import (  # noqa: E402
+    FusedMoEKernel,
+    FusedMoEPrepareAndFinalize,
+)
+from vllm.model_executor.layers.fused_moe.prepare_finalize import (  # noqa: E402
+    BatchedPrepareAndFinalize,
+    MoEPrepareAndFinalizeNoDPEPModular,
+)
+from vllm.plugins import load_general_plugins  # noqa: E402
+
+from eplb_compile import vllm_plugin  # noqa: E402
+from eplb_compile.reference import map_to_physical_reference  # noqa: E402
+from eplb_compile.selection import MIN_TOKENS_ENV  # noqa: E402
+
+ON = ["+eplb_load_update"]
+OFF = ["-eplb_load_update"]
+HIDDEN, INTERMEDIATE, TOP_K, MAX_TOKENS = 32, 48, 3, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin_loaded_by_vllm():
+    # vLLM's own loader, through the installed entry point, as in `vllm serve`.
+    load_general_plugins()
+    assert vllm_plugin.OP_NAME in op_registry, "entry point not installed: pip install -e ."
+
+
+@pytest.fixture
+def plugin_log():
+    """Records of the plugin's logger (vLLM may stop them propagating to root)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(vllm_plugin.LOGGER_NAME)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+def lowering_lines(records) -> list[str]:
+    return [r.getMessage() for r in records if r.getMessage().startswith(vllm_plugin.LOG_TAG)]
+
+
+def identity_placement(num_logical: int):
+    l2p = torch.arange(num_logical, dtype=torch.int64).unsqueeze(1)
+    return l2p, torch.ones(num_logical, dtype=torch.int64)
+
+
+def replicated_placement():
+    """8 logical experts on 12 physical: expert 0 has 3 replicas, 1 and 2 have
+    2, the rest 1; unused slots hold -1."""
+    l2p = torch.full((8, 3), -1, dtype=torch.int64)
+    l2p[:, 0] = torch.arange(8)
+    l2p[0, 1:] = torch.tensor([8, 9])
+    l2p[1, 1] = 10
+    l2p[2, 1] = 11
+    replicas = torch.tensor([3, 2, 2, 1, 1, 1, 1, 1], dtype=torch.int64)
+    return l2p, replicas
+
+
+class Layer:
+    """One EPLB MoE layer built by vLLM, its config, and its load."""
+
+    def __init__(self, custom_ops, placement, *, dtype=torch.float32, seed=0, mode=None):
+        l2p, replicas = placement
+        num_logical, num_physical = l2p.shape[0], int(l2p.max()) + 1
+        mode_arg = {} if mode is None else {"mode": mode}
+        self.config = VllmConfig(compilation_config=CompilationConfig(custom_ops=list(custom_ops), **mode_arg))
+        with set_current_vllm_config(self.config):
+            self.runner = FusedMoEFactory(
+                num_experts=num_logical,
+                top_k=TOP_K,
+                hidden_size=HIDDEN,
+                intermediate_size=INTERMEDIATE,
+                params_dtype=dtype,
+                enable_eplb=True,
+                num_redundant_experts=num_physical - num_logical,
+                tp_size=1,
+                dp_size=1,
+                pcp_size=1,
+                prefix="model.layers.3.mlp.experts",
+            )
+        self.router = self.runner.router
+        fill_expert_weights(self.runner.routed_experts, l2p, first_physical=0, dtype=dtype, seed=seed)
+        install_batched_kernel(self.runner)
+
+        # EplbState's shapes: one row per MoE layer; this is layer 1 of 2.
+        self.load_pass = torch.zeros((2, num_physical), dtype=torch.int32)
+        self.runner.set_eplb_state(1, self.load_pass, l2p.expand(2, -1, -1), replicas.expand(2, -1))
+        state = self.router.eplb_state
+        state.should_record_tensor = torch.ones((), dtype=torch.bool)
+        state.num_unpadded_tokens_tensors = [torch.zeros((), dtype=torch.int32)]
+        self.l2p, self.replicas = l2p, replicas
+        self.logical_ids: list[torch.Tensor] = []
+        self.router.set_capture_fn(lambda ids: self.logical_ids.append(ids.clone()))
+
+    @property
+    def load(self) -> torch.Tensor:
+        return self.load_pass[1]
+
+    def forward(self, hidden, logits, *, num_real=None, padding_mask=True):
+        num_tokens = hidden.shape[0]
+        num_real = num_tokens if num_real is None else num_real
+        self.router.eplb_state.num_unpadded_tokens_tensors[0].fill_(num_real)
+        is_padding = torch.arange(num_tokens) >= num_real if padding_mask else None
+        with set_forward_context(None, self.config, is_padding=is_padding):
+            return self.runner.forward(hidden.clone(), logits.clone())
+
+    def route(self, hidden, logits):
+        """The router alone, as model code that runs its own GEMMs after it does."""
+        num_tokens = hidden.shape[0]
+        self.router.eplb_state.num_unpadded_tokens_tensors[0].fill_(num_tokens)
+        with set_forward_context(None, self.config, is_padding=torch.zeros(num_tokens, dtype=torch.bool)):
+            _, physical = self.router.select_experts(hidden, logits)
+        return physical
+
+    def expected_load(self, num_real_per_forward: list[int]) -> torch.Tensor:
+        """Counts of every forward's real rows, mapped by the reference."""
+        load = torch.zeros_like(self.load)
+        for ids, num_real in zip(self.logical_ids, num_real_per_forward, strict=True):
+            physical = torch.tensor(map_to_physical_reference(ids, self.l2p, self.replicas)).view(ids.shape)
+            physical = physical[:num_real].reshape(-1)
+            physical = physical[physical >= 0]
+            load += torch.bincount(physical, minlength=load.numel()).to(torch.int32)
+        return load
+
+    @property
+    def attached(self) -> bool:
+        return "_apply_eplb_mapping" in vars(self.router)
+
+
+def install_batched_kernel(runner) -> None:
+    """vLLM's batched modular kernel, as its oracle builds it on XPU with
+    ``moe_backend="batched_triton"`` (``all2all_utils.maybe_make_prepare_finalize``),
+    with the batched experts that run on CPU."""
+    prepare_finalize = BatchedPrepareAndFinalize(
+        max_num_tokens=MAX_TOKENS,
+        num_local_experts=runner.moe_config.num_local_experts,
+        num_dispatchers=1,
+        rank=runner.moe_config.moe_parallel_config.ep_rank,
+    )
+    experts = NaiveBatchedExperts(
+        moe_config=runner.moe_config,
+        quant_config=FUSED_MOE_UNQUANTIZED_CONFIG,
+        max_num_tokens=MAX_TOKENS,
+        num_dispatchers=1,
+    )
+    runner.routed_experts.quant_method.moe_kernel = FusedMoEKernel(prepare_finalize, experts)
+
+
+def fill_expert_weights(experts, l2p, *, first_physical: int, dtype, seed: int) -> None:
+    """Give every local physical expert its logical expert's weights, as EPLB does."""
+    num_logical, num_local = l2p.shape[0], experts.w13_weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    w13 = torch.randn((num_logical, *experts.w13_weight.shape[1:]), generator=generator, dtype=dtype)
+    w2 = torch.randn((num_logical, *experts.w2_weight.shape[1:]), generator=generator, dtype=dtype)
+    physical_to_logical = torch.empty(int(l2p.max()) + 1, dtype=torch.int64)
+    for logical, row in enumerate(l2p.tolist()):
+        for physical in row:
+            if physical >= 0:
+                physical_to_logical[physical] = logical
+    local = physical_to_logical[first_physical : first_physical + num_local]
+    with torch.no_grad():
+        experts.w13_weight.copy_(w13[local] * 0.2)
+        experts.w2_weight.copy_(w2[local] * 0.2)
+
+
+def inputs(num_tokens: int, num_logical: int = 8, seed: int = 1, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn((num_tokens, HIDDEN), generator=generator, dtype=dtype)
+    logits = torch.randn((num_tokens, num_logical), generator=generator, dtype=dtype)
+    return hidden, logits
+
+
+@pytest.fixture(params=["counts", "topk"])
+def lowering(request, monkeypatch):
+    monkeypatch.setenv(MIN_TOKENS_ENV, "0" if request.param == "counts" else str(10**9))
+    return request.param
+
+
+# --------------------------------------------------------------------------
+# Loading and switching.
+# --------------------------------------------------------------------------
+
+
+def test_entry_point_is_found_and_loaded_by_vllm_in_a_fresh_process():
+    script = textwrap.dedent(
+        """
+        import importlib.metadata, json, sys
+        found = [ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")
+                 if ep.name == "eplb_compile"]
+        import eplb_compile, eplb_compile.vllm_plugin
+        vllm_before_plugins = "vllm" in sys.modules
+        from vllm.model_executor.custom_op import op_registry
+        registered_before = "eplb_load_update" in op_registry
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from eplb_compile.vllm_plugin import register
+        register()  # and again, as a second plugin load would
+        register()
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+        from vllm.model_executor.layers.fused_moe.prepare_finalize import (
+            BatchedPrepareAndFinalize, MoEPrepareAndFinalizeNoDPEPModular)
+        init = MoERunner.__init__
+        print(json.dumps({
+            "entry_points": found,
+            "vllm_imported_by_our_imports": vllm_before_plugins,
+            "registered_before": registered_before,
+            "registered_after": op_registry.get("eplb_load_update").__name__,
+            "init_hooked": getattr(init, "__eplb_compile__", False),
+            "init_hooked_twice": getattr(init.__wrapped__, "__eplb_compile__", False),
+            "batched_exact": BatchedPrepareAndFinalize(8, 4, 1, 0).supports_exact_expert_num_tokens(),
+            "no_dp_ep_exact": MoEPrepareAndFinalizeNoDPEPModular().supports_exact_expert_num_tokens(),
+        }))
+        """
+    )
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_PLUGINS="eplb_compile")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {
+        "entry_points": ["eplb_compile.vllm_plugin:register"],
+        "vllm_imported_by_our_imports": False,
+        "registered_before": False,
+        "registered_after": "EplbLoadUpdate",
+        "init_hooked": True,
+        "init_hooked_twice": False,
+        "batched_exact": True,
+        "no_dp_ep_exact": False,
+    }
+
+
+@pytest.mark.parametrize(
+    "custom_ops, mode, enabled",
+    [
+        (["+eplb_load_update"], None, True),  # the documented switch; vLLM adds "none"
+        ([], None, False),  # compiled with Inductor, vLLM's default is "none"
+        (["all"], None, True),
+        (["all", "-eplb_load_update"], None, False),
+        (["none", "-eplb_load_update"], None, False),
+        ([], CompilationMode.NONE, True),  # eager: vLLM's default is "all"
+    ],
+)
+def test_switch_follows_compilation_config_custom_ops(custom_ops, mode, enabled):
+    layer = Layer(custom_ops, replicated_placement(), mode=mode)
+    assert layer.attached is enabled
+    # vLLM files the op either way, so "+/-eplb_load_update" never warns "no effect".
+    filed = layer.config.compilation_config.enabled_custom_ops if enabled else (
+        layer.config.compilation_config.disabled_custom_ops
+    )
+    assert filed[vllm_plugin.OP_NAME] == 1
+
+    hidden, logits = inputs(24)
+    layer.load.fill_(-7)
+    layer.forward(hidden, logits)
+    if enabled:
+        assert torch.equal(layer.load + 7, layer.expected_load([24]))
+    else:
+        # Stock vLLM on CPU records nothing; its router method is the class's.
+        assert torch.equal(layer.load, torch.full_like(layer.load, -7))
+        assert layer.router._apply_eplb_mapping.__func__ is type(layer.router)._apply_eplb_mapping
+
+
+def test_layer_without_eplb_is_left_alone():
+    config = VllmConfig(compilation_config=CompilationConfig(custom_ops=ON))
+    with set_current_vllm_config(config):
+        runner = FusedMoEFactory(
+            num_experts=8, top_k=2, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+            params_dtype=torch.float32, tp_size=1, dp_size=1, pcp_size=1, prefix="dense.experts",
+        )
+    assert runner.router.eplb_state is None
+    assert "_apply_eplb_mapping" not in vars(runner.router)
+
+
+# --------------------------------------------------------------------------
+# The forward: outputs, loads, gate, padding.
+# --------------------------------------------------------------------------
+
+
+def test_moe_output_is_identical_with_the_plugin_on_and_off(lowering):
+    # One replica per expert, where stock vLLM on CPU (which does not map) and
+    # the plugin (which does) route every token to the same physical expert.
+    on, off = Layer(ON, identity_placement(8)), Layer(OFF, identity_placement(8))
+    assert on.attached and not off.attached
+    for num_tokens, seed in [(40, 1), (1, 2), (64, 3)]:
+        hidden, logits = inputs(num_tokens, seed=seed)
+        out_on, out_off = on.forward(hidden, logits), off.forward(hidden, logits)
+        assert torch.equal(out_on, out_off)
+    assert torch.equal(on.load, on.expected_load([40, 1, 64]))
+
+
+def test_count_path_and_topk_path_give_identical_outputs_with_replicas(monkeypatch):
+    hidden, logits = inputs(48, seed=5)
+    outputs = {}
+    for name, min_tokens in [("counts", 0), ("topk", 10**9)]:
+        monkeypatch.setenv(MIN_TOKENS_ENV, str(min_tokens))
+        layer = Layer(ON, replicated_placement())
+        outputs[name] = layer.forward(hidden, logits)
+        assert torch.equal(layer.load, layer.expected_load([48]))
+    assert torch.equal(outputs["counts"], outputs["topk"])
+
+
+def test_load_matches_reference_counts(lowering, plugin_log):
+    layer = Layer(ON, replicated_placement())
+    sizes = [40, 1, 17, 64, 33]
+    for seed, num_tokens in enumerate(sizes):
+        layer.forward(*inputs(num_tokens, seed=seed))
+    expected = layer.expected_load(sizes)
+    assert expected.sum() == sum(sizes) * TOP_K
+    assert torch.equal(layer.load, expected)
+    assert torch.equal(layer.load_pass[0], torch.zeros_like(layer.load_pass[0]))  # other layer's row
+    backend = "BatchedPrepareAndFinalize"
+    assert lowering_lines(plugin_log) == [
+        f"{vllm_plugin.LOG_TAG} layer=model.layers.3.mlp.experts lowering={lowering} "
+        f"backend={backend} reason={_reason(lowering)}"
+    ]
+
+
+def _reason(lowering: str) -> str:
+    from eplb_compile import select_lowering
+
+    return select_lowering(True, 40).reason if lowering == "counts" else select_lowering(True, 40, min_tokens=10**9).reason
+
+
+def test_crossover_picks_the_lowering_per_forward(monkeypatch, plugin_log):
+    monkeypatch.setenv(MIN_TOKENS_ENV, "17")
+    layer = Layer(ON, replicated_placement())
+    sizes = [16, 17, 3, 40]
+    for seed, num_tokens in enumerate(sizes):
+        layer.forward(*inputs(num_tokens, seed=seed))
+    assert torch.equal(layer.load, layer.expected_load(sizes))
+    lines = lowering_lines(plugin_log)
+    assert [line.split(" lowering=")[1].split()[0] for line in lines] == ["topk", "counts"]  # once each
+
+
+def test_every_dp_rank_picks_the_lowering_from_the_largest_batch(monkeypatch, plugin_log):
+    # 16 tokens here, 200 on the other DP rank, crossover 100: both ranks must
+    # take the count path, or tokens would be counted twice or never.
+    monkeypatch.setenv(MIN_TOKENS_ENV, "100")
+    layer = Layer(ON, replicated_placement())
+    layer.config.parallel_config.data_parallel_size = 2  # so vLLM's forward context carries DP metadata
+    layer.router.eplb_state.num_unpadded_tokens_tensors[0].fill_(16)
+    across_dp = torch.tensor([16, 200], dtype=torch.int32)
+    with set_forward_context(None, layer.config, num_tokens=16, num_tokens_across_dp=across_dp,
+                             is_padding=torch.zeros(16, dtype=torch.bool)):
+        layer.runner.forward(*inputs(16))
+    assert torch.equal(layer.load, layer.expected_load([16]))
+    (line,) = lowering_lines(plugin_log)
+    assert "lowering=counts" in line and "200 tokens" in line
+
+
+def test_gate_off_records_nothing_and_toggles_without_rebuild(lowering):
+    layer = Layer(ON, replicated_placement())
+    gate = layer.router.eplb_state.should_record_tensor
+    gate.fill_(False)
+    layer.forward(*inputs(40, seed=1))
+    layer.forward(*inputs(9, seed=2))
+    assert torch.equal(layer.load, torch.zeros_like(layer.load))
+    gate.fill_(True)
+    layer.forward(*inputs(23, seed=3))
+    recorded_only_last = layer.expected_load([0, 0, 23])
+    assert recorded_only_last.sum() == 23 * TOP_K
+    assert torch.equal(layer.load, recorded_only_last)
+
+
+def test_padded_rows_are_not_counted(lowering):
+    f64 = torch.float64
+    on, off = Layer(ON, identity_placement(8), dtype=f64), Layer(OFF, identity_placement(8), dtype=f64)
+    hidden, logits = inputs(40, seed=4, dtype=f64)
+    num_real = 29
+    out_on, out_off = on.forward(hidden, logits, num_real=num_real), off.forward(hidden, logits, num_real=num_real)
+    # Dropping padded rows shrinks each expert's batch, and a CPU GEMM may round
+    # the last bit differently for another batch size: hence float64 and 1e-12.
+    torch.testing.assert_close(out_on[:num_real], out_off[:num_real], rtol=1e-12, atol=1e-12)
+    expected = on.expected_load([num_real])
+    assert expected.sum() == num_real * TOP_K
+    assert torch.equal(on.load, expected)
+    if lowering == "counts":
+        # Padded rows were mapped to -1, so the backend never dispatched them.
+        assert torch.equal(out_on[num_real:], torch.zeros_like(out_on[num_real:]))
+
+
+def test_count_path_without_a_padding_mask_falls_back_to_topk(monkeypatch, plugin_log):
+    monkeypatch.setenv(MIN_TOKENS_ENV, "0")
+    layer = Layer(ON, replicated_placement())
+    layer.forward(*inputs(40, seed=4), num_real=31, padding_mask=False)
+    assert torch.equal(layer.load, layer.expected_load([31]))
+    (line,) = lowering_lines(plugin_log)
+    assert "lowering=topk" in line and "no padding mask" in line
+
+
+def test_backend_without_exact_counts_takes_the_topk_path(monkeypatch, plugin_log):
+    monkeypatch.setenv(MIN_TOKENS_ENV, "0")
+    layer = Layer(ON, replicated_placement())
+    layer.runner.routed_experts.quant_method.moe_kernel = None  # no modular kernel, no counts
+    physical = layer.route(*inputs(40, seed=6))
+    reference = torch.tensor(map_to_physical_reference(layer.logical_ids[0], layer.l2p, layer.replicas))
+    assert torch.equal(physical.reshape(-1).to(torch.int64), reference)
+    assert torch.equal(layer.load, layer.expected_load([40]))
+    (line,) = lowering_lines(plugin_log)
+    assert "lowering=topk backend=none" in line
+
+
+def test_count_path_records_in_prepare_and_survives_a_bypassed_prepare(monkeypatch, plugin_log):
+    monkeypatch.setenv(MIN_TOKENS_ENV, "0")
+    layer = Layer(ON, replicated_placement())
+    # The count path maps, and records nothing until a prepare runs.
+    physical = layer.route(*inputs(40, seed=7))
+    reference = torch.tensor(map_to_physical_reference(layer.logical_ids[0], layer.l2p, layer.replicas))
+    assert torch.equal(physical.reshape(-1).to(torch.int64), reference)
+    assert torch.equal(layer.load, torch.zeros_like(layer.load))
+    # The next forward notices, warns, and keeps the layer on the topk path.
+    layer.forward(*inputs(25, seed=8))
+    assert torch.equal(layer.load, layer.expected_load([0, 25]))
+    messages = lowering_lines(plugin_log)
+    assert "lowering=counts" in messages[0]
+    assert "never reached the modular kernel's prepare" in messages[1]
+    assert "lowering=topk" in messages[2]
+
+
+def test_exact_count_capability_per_backend():
+    assert not MoEPrepareAndFinalizeNoDPEPModular().supports_exact_expert_num_tokens()
+    assert FusedMoEPrepareAndFinalize.supports_exact_expert_num_tokens is vllm_plugin._never
+    assert BatchedPrepareAndFinalize(8, 4, 1, 0).supports_exact_expert_num_tokens()
+    # vLLM 0.33.0 dispatches DeepEP HT with expert_alignment=1 (read from its
+    # source, which needs no deep_ep).
+    assert vllm_plugin._deepep_ht_expert_alignment() == 1
+
+
+def test_register_and_attach_are_reentrant():
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    hook, capability = MoERunner.__init__, BatchedPrepareAndFinalize.supports_exact_expert_num_tokens
+    vllm_plugin.register()
+    vllm_plugin.register()
+    assert MoERunner.__init__ is hook
+    assert BatchedPrepareAndFinalize.supports_exact_expert_num_tokens is capability
+    layer = Layer(ON, replicated_placement())
+    op, mapping = layer.router.eplb_load_update, layer.router._apply_eplb_mapping
+    vllm_plugin._attach(layer.runner)
+    assert layer.router.eplb_load_update is op and layer.router._apply_eplb_mapping == mapping
+
+
+def test_each_ep_rank_records_its_own_slice():
+    """Two real EP ranks (gloo): the count path adds at start = ep_rank * num_local."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "ep_rank_worker.py")
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
+    procs = [
+        subprocess.Popen([sys.executable, worker, str(rank), str(port)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    ranks = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        ranks.append(json.loads(stdout.strip().splitlines()[-1]))
+
+    l2p, replicas = replicated_placement()
+    ids = torch.tensor(ranks[0]["counts"]["logical_ids"])
+    physical = torch.tensor(map_to_physical_reference(ids, l2p, replicas))
+    expected = torch.bincount(physical[physical >= 0], minlength=12).to(torch.int32)
+    assert expected.sum() == 40 * TOP_K
+    for rank, result in enumerate(ranks):
+        assert (result["ep_rank"], result["ep_size"], result["num_local"]) == (rank, 2, 6)
+        for lowering in ("counts", "topk"):
+            assert result[lowering]["logical_ids"] == ranks[0]["counts"]["logical_ids"]  # tokens replicated
+        # topk: every rank counts its own tokens (here all of them) on all experts.
+        assert torch.equal(torch.tensor(result["topk"]["load"], dtype=torch.int32), expected)
+        # counts: every rank adds what its own experts received, at its offset.
+        own = torch.zeros(12, dtype=torch.int32)
+        own[rank * 6 : rank * 6 + 6] = expected[rank * 6 : rank * 6 + 6]
+        assert torch.equal(torch.tensor(result["counts"]["load"], dtype=torch.int32), own)
+        assert result["counts"]["output"] == result["topk"]["output"]
+    assert ranks[0]["counts"]["output"] == ranks[1]["counts"]["output"]  # all-reduced
