@@ -168,6 +168,81 @@ def _check_counts_args(
     )
 
 
+def _map_args_valid(topk_ids, logical_to_physical_map, logical_replica_count) -> bool:
+    """One cheap expression with the same meaning as _check_map_args, for eager calls.
+
+    The detailed checks (a closure and a torch._check per condition) cost
+    more than the kernel launch; eager calls run them only to build the
+    message once this says something is wrong. Fakes always use them, since
+    symbolic shapes need torch._check.
+    """
+    device = topk_ids.device
+    return (
+        topk_ids.dtype in _INDEX_DTYPES
+        and topk_ids.dim() == 2
+        and logical_to_physical_map.dtype == torch.int64
+        and logical_to_physical_map.dim() == 2
+        and logical_replica_count.dtype in (torch.int32, torch.int64)
+        and logical_replica_count.dim() == 1
+        and logical_replica_count.shape[0] == logical_to_physical_map.shape[0]
+        and logical_to_physical_map.device == device
+        and logical_replica_count.device == device
+    )
+
+
+def _record_args_valid(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens) -> bool:
+    device = topk_ids.device
+    return (
+        expert_load_view.dtype == torch.int32
+        and expert_load_view.dim() == 1
+        and expert_load_view.is_contiguous()
+        and record_enabled.dtype == torch.bool
+        and record_enabled.numel() == 1
+        and expert_load_view.device == device
+        and record_enabled.device == device
+        and (
+            num_unpadded_tokens is None
+            or (
+                num_unpadded_tokens.dtype == torch.int32
+                and num_unpadded_tokens.numel() == 1
+                and num_unpadded_tokens.device == device
+            )
+        )
+    )
+
+
+def _counts_args_valid(expert_load_view, counts, start, record_enabled) -> bool:
+    device = expert_load_view.device
+    return (
+        expert_load_view.dtype == torch.int32
+        and expert_load_view.dim() == 1
+        and expert_load_view.is_contiguous()
+        and counts.dtype == torch.int32
+        and counts.dim() == 1
+        and record_enabled.dtype == torch.bool
+        and record_enabled.numel() == 1
+        and 0 <= start
+        and start + counts.shape[0] <= expert_load_view.shape[0]
+        and counts.device == device
+        and record_enabled.device == device
+    )
+
+
+def _validate_map(topk_ids, logical_to_physical_map, logical_replica_count) -> None:
+    if not _map_args_valid(topk_ids, logical_to_physical_map, logical_replica_count):
+        _check_map_args(topk_ids, logical_to_physical_map, logical_replica_count)
+
+
+def _validate_record(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens) -> None:
+    if not _record_args_valid(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens):
+        _check_record_args(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens)
+
+
+def _validate_counts(expert_load_view, counts, start, record_enabled) -> None:
+    if not _counts_args_valid(expert_load_view, counts, start, record_enabled):
+        _check_counts_args(expert_load_view, counts, start, record_enabled)
+
+
 # --------------------------------------------------------------------------
 # Plain-torch lowerings (CPU; also the compile-time decomposition on CPU).
 # --------------------------------------------------------------------------
@@ -214,21 +289,17 @@ def _record_torch(
 def _map_and_record_torch(
     topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view, record_enabled, num_unpadded_tokens=None
 ):
-    _check_map_args(topk_ids, logical_to_physical_map, logical_replica_count)
-    _check_record_args(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens)
     physical = _map_torch(topk_ids, logical_to_physical_map, logical_replica_count)
     _record_torch(physical, topk_ids.shape[1], expert_load_view, record_enabled, num_unpadded_tokens)
     return physical.to(topk_ids.dtype).reshape(topk_ids.shape)
 
 
 def _map_only_torch(topk_ids, logical_to_physical_map, logical_replica_count):
-    _check_map_args(topk_ids, logical_to_physical_map, logical_replica_count)
     physical = _map_torch(topk_ids, logical_to_physical_map, logical_replica_count)
     return physical.to(topk_ids.dtype).reshape(topk_ids.shape)
 
 
 def _record_counts_torch(expert_load_view, counts, start, record_enabled):
-    _check_counts_args(expert_load_view, counts, start, record_enabled)
     n = counts.shape[0]
     # A plain slice add: no arange, no scatter (the upstream reviewers' ask).
     expert_load_view[start : start + n].add_(torch.where(record_enabled.reshape(()), counts, 0))
@@ -249,8 +320,6 @@ def _map_and_record_triton(
     *,
     wrap=False,
 ):
-    _check_map_args(topk_ids, logical_to_physical_map, logical_replica_count)
-    _check_record_args(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens)
     kernels = _triton_kernels()
     out = torch.empty(topk_ids.shape, dtype=topk_ids.dtype, device=topk_ids.device)
     if wrap:
@@ -274,14 +343,12 @@ def _map_and_record_triton(
 
 
 def _map_only_triton(topk_ids, logical_to_physical_map, logical_replica_count, *, wrap=False):
-    _check_map_args(topk_ids, logical_to_physical_map, logical_replica_count)
     out = torch.empty(topk_ids.shape, dtype=topk_ids.dtype, device=topk_ids.device)
     _triton_kernels().launch_map(topk_ids, logical_to_physical_map, logical_replica_count, out, wrap=wrap)
     return out
 
 
 def _record_counts_triton(expert_load_view, counts, start, record_enabled):
-    _check_counts_args(expert_load_view, counts, start, record_enabled)
     _triton_kernels().launch_record_counts(expert_load_view, counts, start, record_enabled)
 
 
@@ -289,14 +356,45 @@ def _record_counts_triton(expert_load_view, counts, start, record_enabled):
 # Registration.
 # --------------------------------------------------------------------------
 
-LIB.impl("map_and_record", _map_and_record_torch, "CPU")
-LIB.impl("map_only", _map_only_torch, "CPU")
-LIB.impl("record_counts", _record_counts_torch, "CPU")
+def _eager_map_and_record(body):
+    def map_and_record(
+        topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view, record_enabled,
+        num_unpadded_tokens=None,
+    ):
+        _validate_map(topk_ids, logical_to_physical_map, logical_replica_count)
+        _validate_record(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens)
+        return body(
+            topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view, record_enabled,
+            num_unpadded_tokens,
+        )
+
+    return map_and_record
+
+
+def _eager_map_only(body):
+    def map_only(topk_ids, logical_to_physical_map, logical_replica_count):
+        _validate_map(topk_ids, logical_to_physical_map, logical_replica_count)
+        return body(topk_ids, logical_to_physical_map, logical_replica_count)
+
+    return map_only
+
+
+def _eager_record_counts(body):
+    def record_counts(expert_load_view, counts, start, record_enabled):
+        _validate_counts(expert_load_view, counts, start, record_enabled)
+        body(expert_load_view, counts, start, record_enabled)
+
+    return record_counts
+
+
+LIB.impl("map_and_record", _eager_map_and_record(_map_and_record_torch), "CPU")
+LIB.impl("map_only", _eager_map_only(_map_only_torch), "CPU")
+LIB.impl("record_counts", _eager_record_counts(_record_counts_torch), "CPU")
 
 if _triton_kernels() is not None:
-    LIB.impl("map_and_record", _map_and_record_triton, "CUDA")
-    LIB.impl("map_only", _map_only_triton, "CUDA")
-    LIB.impl("record_counts", _record_counts_triton, "CUDA")
+    LIB.impl("map_and_record", _eager_map_and_record(_map_and_record_triton), "CUDA")
+    LIB.impl("map_only", _eager_map_only(_map_only_triton), "CUDA")
+    LIB.impl("record_counts", _eager_record_counts(_record_counts_triton), "CUDA")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::map_and_record", lib=LIB)
@@ -323,24 +421,39 @@ def _on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and _triton_kernels() is not None
 
 
-def _map_and_record_decomposition(topk_ids, *args, **kwargs):
+# Under AOTAutograd the decomposition may run without the fake having run
+# (aot_function, opcheck), so it validates with the symbolic-safe checks.
+def _map_and_record_decomposition(
+    topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view, record_enabled,
+    num_unpadded_tokens=None,
+):
+    _check_map_args(topk_ids, logical_to_physical_map, logical_replica_count)
+    _check_record_args(topk_ids, expert_load_view, record_enabled, num_unpadded_tokens)
+    args = (topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view, record_enabled,
+            num_unpadded_tokens)
     if _on_cuda(topk_ids):
-        return _map_and_record_triton(topk_ids, *args, **kwargs, wrap=True)
-    return _map_and_record_torch(topk_ids, *args, **kwargs)
+        return _map_and_record_triton(*args, wrap=True)
+    return _map_and_record_torch(*args)
 
 
-def _map_only_decomposition(topk_ids, *args, **kwargs):
+def _map_only_decomposition(topk_ids, logical_to_physical_map, logical_replica_count):
+    _check_map_args(topk_ids, logical_to_physical_map, logical_replica_count)
     if _on_cuda(topk_ids):
-        return _map_only_triton(topk_ids, *args, **kwargs, wrap=True)
-    return _map_only_torch(topk_ids, *args, **kwargs)
+        return _map_only_triton(topk_ids, logical_to_physical_map, logical_replica_count, wrap=True)
+    return _map_only_torch(topk_ids, logical_to_physical_map, logical_replica_count)
+
+
+def _record_counts_decomposition(expert_load_view, counts, start, record_enabled):
+    _check_counts_args(expert_load_view, counts, start, record_enabled)
+    # The count path stays plain torch on every device, so Inductor fuses it
+    # with its neighbours into generated code (one kernel on CUDA).
+    _record_counts_torch(expert_load_view, counts, start, record_enabled)
 
 
 _DECOMPOSITIONS = {
     "map_and_record": _map_and_record_decomposition,
     "map_only": _map_only_decomposition,
-    # The count path stays plain torch on every device, so Inductor fuses it
-    # with its neighbours into generated code (one kernel on CUDA).
-    "record_counts": _record_counts_torch,
+    "record_counts": _record_counts_decomposition,
 }
 
 
