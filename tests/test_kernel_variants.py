@@ -188,7 +188,8 @@ def _physical_for_smem(extra_bytes):
     return (limit - 16 * 256 - extra_bytes) // 4
 
 
-SMEM_NAMES = [n for n in VARIANT_NAMES if n != "direct"]
+SMEM_NAMES = [n for n in VARIANT_NAMES if n in cuda_histogram.SMEM_VARIANTS]
+HIST_NAMES = [n for n in VARIANT_NAMES if n in cuda_histogram.HIST_VARIANTS]
 
 
 @pytest.mark.parametrize("name", SMEM_NAMES)
@@ -204,6 +205,22 @@ def test_smem_drops_map_cache_when_tight(name):
 @pytest.mark.parametrize("name", SMEM_NAMES)
 def test_smem_falls_back_when_histogram_does_not_fit(name):
     num_physical = _physical_for_smem(-64)
+    ids, l2p, replica_count, load = _random_inputs(_seed(name), 200, 8, 256, 4, num_physical, torch.int32,
+                                                   torch.int64)
+    with pytest.raises(ValueError):
+        _run(_strict(name), ids, l2p, replica_count, load, True, None)
+    want_ids, want_load = _expected(ids, l2p, replica_count, load, True, None)
+    got_ids, got_load = _run(cuda_histogram.VARIANTS[name], ids, l2p, replica_count, load, True, None)
+    assert torch.equal(got_ids.cpu(), want_ids)
+    assert torch.equal(got_load.cpu(), want_load)
+
+
+@pytest.mark.parametrize("name", HIST_NAMES)
+def test_hist_fits_and_falls_back(name):
+    """The unstaged kernel needs only the histogram in shared memory: exact up to the limit, Triton past it."""
+    _, limit = cuda_histogram._device_limits(torch.cuda.current_device())
+    _check(_strict(name), _seed(name, "fits"), 300, num_logical=256, slots=6, num_physical=limit // 4)
+    num_physical = limit // 4 + 1
     ids, l2p, replica_count, load = _random_inputs(_seed(name), 200, 8, 256, 4, num_physical, torch.int32,
                                                    torch.int64)
     with pytest.raises(ValueError):

@@ -13,6 +13,10 @@ shared-memory atomics, so the fast variant is a small CUDA kernel:
   staged in shared memory while the block's ids are in flight, which takes
   two dependent L2 round trips off every element. Variants differ in block
   size, grid cap and staged map columns; the dispatcher picks by shape.
+- ``hist``: the same block-private histogram with no staging: each element
+  reads its tables from global memory (L1/L2-resident) as ``direct`` does, so
+  the set-up is only zeroing the bins. Variants differ in block size, ids per
+  thread and grid cap.
 - ``direct``: one thread per element and one relaxed ``red.global.add`` per
   recorded element, no shared memory: no set-up cost, for small T.
 
@@ -223,6 +227,90 @@ EPLB_DEVICE void map_record_smem(EPLB_KERNEL_PARAMS) {
     }
 }
 
+// Block-private histogram with no staging: each element reads its replica
+// count and map entry from global memory (small tables, L1/L2-resident) as the
+// direct kernel does; only the recording goes through shared memory. Set-up is
+// zeroing num_physical bins, so the fixed cost stays near the direct kernel's
+// while a hot expert still sees one global atomic per block. Each thread keeps
+// HIST_EPT ids in flight; the phases below (load ids, map, store and count)
+// let all their table loads be in flight together.
+template <int HIST_EPT>
+EPLB_DEVICE void map_record_hist(EPLB_KERNEL_PARAMS) {
+    EPLB_SHARED_BUFFER(smem);
+    int* hist = (int*)smem;
+    const u32 tid = threadIdx.x;
+    const u32 nthreads = blockDim.x;
+    const u32 chunk = nthreads * HIST_EPT;
+    const u32 grid_stride = gridDim.x * chunk;
+    const bool record = *record_enabled != 0;
+    const u32 limit = record_limit(num_unpadded, numel);
+    if (record)
+        for (int b = tid; b < num_physical; b += nthreads) hist[b] = 0;
+    EPLB_SYNC();
+
+    // base < numel < 2^31 and grid_stride < 2^31 + chunk: base += grid_stride never wraps.
+    for (u32 base = blockIdx.x * chunk; base < numel; base += grid_stride) {
+        ID_T v[HIST_EPT];
+#pragma unroll
+        for (int j = 0; j < HIST_EPT; ++j) {
+            const u32 i = base + j * nthreads + tid;
+            v[j] = i < numel ? ids[i] : (ID_T)0;
+        }
+        // Branch-free per element (predicated loads), so the HIST_EPT count
+        // loads, then the HIST_EPT map loads, are each in flight together.
+        int e[HIST_EPT];
+        bool valid[HIST_EPT];
+        i64 count[HIST_EPT];
+#pragma unroll
+        for (int j = 0; j < HIST_EPT; ++j) {
+            e[j] = (int)v[j];  // vLLM reads the ids as int32
+            valid[j] = base + j * nthreads + tid < numel && (u32)e[j] < (u32)num_logical;
+        }
+        if (rc_is_int64) {  // uniform
+#pragma unroll
+            for (int j = 0; j < HIST_EPT; ++j) count[j] = valid[j] ? ((const i64*)rc)[e[j] * rc_stride] : 1;
+        } else {
+#pragma unroll
+            for (int j = 0; j < HIST_EPT; ++j) count[j] = valid[j] ? (i64)((const int*)rc)[e[j] * rc_stride] : 1;
+        }
+        i64 physical[HIST_EPT];
+#pragma unroll
+        for (int j = 0; j < HIST_EPT; ++j) {
+            const u32 i = base + j * nthreads + tid;
+            const i64 c = count[j] < 1 ? 1 : count[j];
+            const u32 hash = (i / K) * KNUTH_MULTIPLIER;
+            const u32 replica = c > 0xFFFFFFFFll ? hash : hash % (u32)c;
+            physical[j] = valid[j] && (i64)replica < slots ? l2p[e[j] * l2p_stride_e + replica * l2p_stride_s] : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < HIST_EPT; ++j) {
+            const u32 i = base + j * nthreads + tid;
+            if (i < numel) {
+                out[i] = (ID_T)physical[j];
+                if (record && i < limit && physical[j] >= 0 && physical[j] < num_physical)
+                    count_shared(hist + physical[j]);
+            }
+        }
+    }
+
+    if (record) {  // block-uniform: every thread reads the same gate
+        EPLB_SYNC();
+        for (int b = tid; b < num_physical; b += nthreads) {
+            const int c = hist[b];
+            if (c != 0) add_global(load + b, c);
+        }
+    }
+}
+
+#define EPLB_HIST_KERNEL(N)                                                                              \
+    extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_hist_e##N(EPLB_KERNEL_PARAMS) {  \
+        map_record_hist<N>(ids, out, rc, rc_is_int64, rc_stride, l2p, l2p_stride_e, l2p_stride_s,        \
+                           num_logical, slots, load, num_physical, record_enabled, num_unpadded, numel);  \
+    }
+EPLB_HIST_KERNEL(1)
+EPLB_HIST_KERNEL(4)
+EPLB_HIST_KERNEL(8)
+
 #define EPLB_SMEM_KERNEL(COLUMNS)                                                                    \
     extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_smem_c##COLUMNS(EPLB_KERNEL_PARAMS) { \
         map_record_smem<COLUMNS>(ids, out, rc, rc_is_int64, rc_stride, l2p, l2p_stride_e, l2p_stride_s,      \
@@ -281,13 +369,30 @@ class SmemVariant:
     map_columns: int  # one of MAP_CACHE_COLUMNS
 
 
+# smem_c16 / smem_many / smem_small / smem_few were dropped after the first
+# device run: each was slower than `smem` at every T (kernels/NOTES.md).
 SMEM_VARIANTS: dict[str, SmemVariant] = {
     "smem": SmemVariant(threads=512, blocks_per_sm=1.0, map_columns=8),
     "smem_c0": SmemVariant(threads=512, blocks_per_sm=1.0, map_columns=0),
-    "smem_c16": SmemVariant(threads=512, blocks_per_sm=1.0, map_columns=16),
-    "smem_many": SmemVariant(threads=256, blocks_per_sm=2.0, map_columns=8),
-    "smem_small": SmemVariant(threads=128, blocks_per_sm=4.0, map_columns=8),
-    "smem_few": SmemVariant(threads=1024, blocks_per_sm=0.5, map_columns=8),
+}
+
+
+@dataclass(frozen=True)
+class HistVariant:
+    """A launch shape of the unstaged histogram kernel (``map_record_hist``)."""
+
+    threads: int
+    elements_per_thread: int  # one of HIST_ELEMENTS_PER_THREAD
+    blocks_per_sm: float  # grid cap = SMs * this
+
+
+HIST_ELEMENTS_PER_THREAD = (1, 4, 8)
+
+HIST_VARIANTS: dict[str, HistVariant] = {
+    "hist": HistVariant(threads=256, elements_per_thread=4, blocks_per_sm=2.0),
+    "hist_wide": HistVariant(threads=512, elements_per_thread=4, blocks_per_sm=1.0),
+    "hist_e1": HistVariant(threads=256, elements_per_thread=1, blocks_per_sm=2.0),
+    "hist_e8": HistVariant(threads=256, elements_per_thread=8, blocks_per_sm=1.0),
 }
 
 
@@ -321,6 +426,7 @@ def _check(result: int, what: str) -> None:
 
 _DIRECT_KERNEL = "eplb_map_record_direct"
 _SMEM_KERNELS = {columns: f"eplb_map_record_smem_c{columns}" for columns in MAP_CACHE_COLUMNS}
+_HIST_KERNELS = {n: f"eplb_map_record_hist_e{n}" for n in HIST_ELEMENTS_PER_THREAD}
 _modules: dict[tuple, dict | Exception] = {}
 _modules_lock = threading.Lock()
 
@@ -355,7 +461,7 @@ def _compile(device_index: int, id_dtype: torch.dtype, k: int) -> dict:
             kernel_source=kernel_source(id_dtype, k), kernel_name=_DIRECT_KERNEL, nvcc_options=["-std=c++17"]
         )
         functions = {_DIRECT_KERNEL: kernel.func.value}
-        for name in _SMEM_KERNELS.values():
+        for name in (*_SMEM_KERNELS.values(), *_HIST_KERNELS.values()):
             handle = ctypes.c_void_p()
             _check(get_function(ctypes.byref(handle), kernel.module, name.encode()), f"cuModuleGetFunction({name})")
             functions[name] = handle.value
@@ -390,23 +496,34 @@ _NUM_PARAMS = 15
 _param_buffers = threading.local()
 
 
+def _thread_launcher():
+    """Per thread, built once: the parameter slots, the pointer array cuLaunchKernel
+    reads them through, and the raw entry points a launch needs (looked up here,
+    not at import: CPU-only torch builds lack them)."""
+    values = (ctypes.c_uint64 * _NUM_PARAMS)()
+    base = ctypes.addressof(values)
+    pointers = (ctypes.c_void_p * _NUM_PARAMS)(*range(base, base + 8 * _NUM_PARAMS, 8))
+    # torch._C._cuda_getDevice is torch.cuda.current_device() without its Python wrapper.
+    launcher = (values, pointers, _driver()[0], torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream)
+    _param_buffers.value = launcher
+    return launcher
+
+
 def _launch(device_index: int, function: int, grid: int, threads: int, smem: int, params: list) -> None:
-    buffers = getattr(_param_buffers, "value", None)
-    if buffers is None:
-        values = (ctypes.c_uint64 * _NUM_PARAMS)()
-        base = ctypes.addressof(values)
-        pointers = (ctypes.c_void_p * _NUM_PARAMS)(*range(base, base + 8 * _NUM_PARAMS, 8))
-        buffers = _param_buffers.value = (values, pointers)
-    values, pointers = buffers
-    # The driver reads each parameter (4 or 8 bytes, little-endian) from its slot.
-    values[:] = params
-    if device_index != torch.cuda.current_device():
+    try:
+        values, pointers, launch, get_device, raw_stream = _param_buffers.value
+    except AttributeError:
+        values, pointers, launch, get_device, raw_stream = _thread_launcher()
+    if device_index != get_device():
         # The function and the stream belong to the tensors' device context.
         with torch.cuda.device(device_index):
             _launch(device_index, function, grid, threads, smem, params)
         return
-    stream = torch._C._cuda_getCurrentRawStream(device_index)
-    _check(_driver()[0](function, grid, 1, 1, threads, 1, 1, smem, stream, pointers, None), "cuLaunchKernel")
+    # The driver reads each parameter (4 or 8 bytes, little-endian) from its slot.
+    values[:] = params
+    result = launch(function, grid, 1, 1, threads, 1, 1, smem, raw_stream(device_index), pointers, None)
+    if result:
+        _check(result, "cuLaunchKernel")
 
 
 def _params(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out) -> list:
@@ -475,6 +592,28 @@ def _launch_smem(variant: SmemVariant, topk_ids, l2p, replica_count, load, recor
     function = compiled_functions(device_index, topk_ids.dtype, topk_ids.shape[1])[_SMEM_KERNELS[columns]]
     _opt_in_smem(function, nbytes)
     grid = min(-(-numel // (variant.threads * ELEMENTS_PER_THREAD)), max(1, int(num_sms * variant.blocks_per_sm)))
+    params = _params(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out)
+    _launch(device_index, function, grid, variant.threads, nbytes, params)
+    return True
+
+
+def _launch_hist(variant: HistVariant, topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out) -> bool:
+    """Launch the unstaged histogram kernel; False, launching nothing, where it does not apply."""
+    if not _supported(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out):
+        return False
+    numel = topk_ids.numel()
+    if numel == 0:
+        return True
+    device_index = topk_ids.device.index
+    num_sms, smem_limit = _device_limits(device_index)
+    nbytes = 4 * load.shape[0]  # the histogram only
+    if nbytes > smem_limit:
+        return False
+    function = compiled_functions(device_index, topk_ids.dtype, topk_ids.shape[1])[
+        _HIST_KERNELS[variant.elements_per_thread]]
+    _opt_in_smem(function, nbytes)
+    per_block = variant.threads * variant.elements_per_thread
+    grid = min(-(-numel // per_block), max(1, int(num_sms * variant.blocks_per_sm)))
     params = _params(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out)
     _launch(device_index, function, grid, variant.threads, nbytes, params)
     return True
@@ -557,6 +696,23 @@ def _smem_entry(name: str):
     return call
 
 
+def _hist_entry(name: str):
+    variant = HIST_VARIANTS[name]
+
+    def call(*args, fallback: bool = True) -> torch.Tensor:
+        """Map + record with the unstaged shared-memory histogram kernel; returns ``out``."""
+        if not _launch_hist(variant, *args):
+            _fall_back(name, fallback, *args)
+        return args[6]
+
+    call.__name__ = f"map_and_record_{name}"
+    return call
+
+
 # Every CUDA variant by name: what the dispatcher picks from, the tests check
 # and the benchmark times.
-VARIANTS = {"direct": map_and_record_direct, **{name: _smem_entry(name) for name in SMEM_VARIANTS}}
+VARIANTS = {
+    "direct": map_and_record_direct,
+    **{name: _smem_entry(name) for name in SMEM_VARIANTS},
+    **{name: _hist_entry(name) for name in HIST_VARIANTS},
+}
