@@ -19,8 +19,8 @@ from eplb_compile.kernels.triton_kernels import launch_map, launch_record_counts
 # wins. "triton" is the one-atomic-per-element kernel of triton_kernels.py; the
 # other names are cuda_histogram.VARIANTS. The benchmark (`eplb-compile bench
 # --topk-plan auto`) measures every variant and prints the plan to put here.
-# Until the CUDA variants have been measured on a GPU, everything stays Triton.
-TOPK_PLAN: tuple[tuple[int, str], ...] = ((0, "triton"),)
+# Measured on an H100 (torch 2.11, Triton 3.6): graphs/bench_results.md.
+TOPK_PLAN: tuple[tuple[int, str], ...] = ((0, "direct"), (8192, "hist_e1"), (32768, "hist"), (92688, "hist_wide"))
 
 _cuda_failure: Exception | None = None
 
