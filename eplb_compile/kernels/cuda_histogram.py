@@ -573,15 +573,28 @@ def smem_bytes(num_logical: int, num_physical: int, map_columns: int) -> int:
     return 16 * num_logical + 8 * map_columns * num_logical + 4 * num_physical
 
 
-def _launch_smem(variant: SmemVariant, topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out) -> bool:
-    """Launch the smem kernel; False, launching nothing, where it does not apply."""
-    if not _supported(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out):
-        return False
-    numel = topk_ids.numel()
-    if numel == 0:
-        return True
+def _launch_kernel(kernel_name, threads, per_block, blocks_per_sm, nbytes, args) -> None:
+    """Compile (once) and launch ``kernel_name`` over ``args``' elements."""
+    topk_ids = args[0]
     device_index = topk_ids.device.index
-    num_sms, smem_limit = _device_limits(device_index)
+    num_sms, _ = _device_limits(device_index)
+    function = compiled_functions(device_index, topk_ids.dtype, topk_ids.shape[1])[kernel_name]
+    if nbytes:
+        _opt_in_smem(function, nbytes)
+    blocks = -(-topk_ids.numel() // per_block)
+    if blocks_per_sm is not None:
+        blocks = min(blocks, max(1, int(num_sms * blocks_per_sm)))
+    _launch(device_index, function, blocks, threads, nbytes, _params(*args))
+
+
+def _launch_smem(variant: SmemVariant, *args) -> bool:
+    """Launch the smem kernel; False, launching nothing, where it does not apply."""
+    if not _supported(*args):
+        return False
+    topk_ids, l2p, _, load = args[:4]
+    if topk_ids.numel() == 0:
+        return True
+    smem_limit = _device_limits(topk_ids.device.index)[1]
     columns = variant.map_columns
     nbytes = smem_bytes(l2p.shape[0], load.shape[0], columns)
     if nbytes > smem_limit:
@@ -589,46 +602,32 @@ def _launch_smem(variant: SmemVariant, topk_ids, l2p, replica_count, load, recor
         nbytes = smem_bytes(l2p.shape[0], load.shape[0], columns)
     if nbytes > smem_limit:
         return False
-    function = compiled_functions(device_index, topk_ids.dtype, topk_ids.shape[1])[_SMEM_KERNELS[columns]]
-    _opt_in_smem(function, nbytes)
-    grid = min(-(-numel // (variant.threads * ELEMENTS_PER_THREAD)), max(1, int(num_sms * variant.blocks_per_sm)))
-    params = _params(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out)
-    _launch(device_index, function, grid, variant.threads, nbytes, params)
+    _launch_kernel(_SMEM_KERNELS[columns], variant.threads, variant.threads * ELEMENTS_PER_THREAD,
+                   variant.blocks_per_sm, nbytes, args)
     return True
 
 
-def _launch_hist(variant: HistVariant, topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out) -> bool:
+def _launch_hist(variant: HistVariant, *args) -> bool:
     """Launch the unstaged histogram kernel; False, launching nothing, where it does not apply."""
-    if not _supported(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out):
+    if not _supported(*args):
         return False
-    numel = topk_ids.numel()
-    if numel == 0:
+    topk_ids, load = args[0], args[3]
+    if topk_ids.numel() == 0:
         return True
-    device_index = topk_ids.device.index
-    num_sms, smem_limit = _device_limits(device_index)
     nbytes = 4 * load.shape[0]  # the histogram only
-    if nbytes > smem_limit:
+    if nbytes > _device_limits(topk_ids.device.index)[1]:
         return False
-    function = compiled_functions(device_index, topk_ids.dtype, topk_ids.shape[1])[
-        _HIST_KERNELS[variant.elements_per_thread]]
-    _opt_in_smem(function, nbytes)
-    per_block = variant.threads * variant.elements_per_thread
-    grid = min(-(-numel // per_block), max(1, int(num_sms * variant.blocks_per_sm)))
-    params = _params(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out)
-    _launch(device_index, function, grid, variant.threads, nbytes, params)
+    _launch_kernel(_HIST_KERNELS[variant.elements_per_thread], variant.threads,
+                   variant.threads * variant.elements_per_thread, variant.blocks_per_sm, nbytes, args)
     return True
 
 
-def _launch_direct(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out) -> bool:
-    if not _supported(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out):
+def _launch_direct(*args) -> bool:
+    if not _supported(*args):
         return False
-    numel = topk_ids.numel()
-    if numel == 0:
+    if args[0].numel() == 0:
         return True
-    device_index = topk_ids.device.index
-    function = compiled_functions(device_index, topk_ids.dtype, topk_ids.shape[1])[_DIRECT_KERNEL]
-    params = _params(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tokens, out)
-    _launch(device_index, function, -(-numel // DIRECT_BLOCK), DIRECT_BLOCK, 0, params)
+    _launch_kernel(_DIRECT_KERNEL, DIRECT_BLOCK, DIRECT_BLOCK, None, 0, args)
     return True
 
 
