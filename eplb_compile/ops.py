@@ -344,7 +344,10 @@ def _map_and_record_triton(
 
 def _map_only_triton(topk_ids, logical_to_physical_map, logical_replica_count, *, wrap=False):
     out = torch.empty(topk_ids.shape, dtype=topk_ids.dtype, device=topk_ids.device)
-    _triton_kernels().launch_map(topk_ids, logical_to_physical_map, logical_replica_count, out, wrap=wrap)
+    if wrap:
+        _triton_kernels().launch_map(topk_ids, logical_to_physical_map, logical_replica_count, out, wrap=True)
+    else:
+        _triton_kernels().map_only_cuda(topk_ids, logical_to_physical_map, logical_replica_count, out)
     return out
 
 

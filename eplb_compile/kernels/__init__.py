@@ -35,6 +35,30 @@ def topk_variant(numel: int) -> str:
     return chosen
 
 
+def _try_cuda(launch, *args) -> bool:
+    """Run a CUDA-kernel launch; False where it does not apply or NVRTC failed.
+
+    A RuntimeError here comes from NVRTC or the driver before anything was
+    launched: a missing toolchain must not take the forward pass down, so
+    the process warns once and stays on Triton.
+    """
+    global _cuda_failure
+    if _cuda_failure is not None:
+        return False
+    try:
+        return launch(*args)
+    except RuntimeError as error:
+        _cuda_failure = error
+        warnings.warn(f"eplb_compile: CUDA topk kernels unavailable, using Triton: {error}", stacklevel=3)
+        return False
+
+
+def _launch_variant(variant: str, *args) -> bool:
+    # The variant falls back to the Triton kernel by itself where it does not apply.
+    cuda_histogram.VARIANTS[variant](*args)
+    return True
+
+
 def map_and_record_cuda(
     topk_ids: torch.Tensor,
     logical_to_physical_map: torch.Tensor,
@@ -45,30 +69,25 @@ def map_and_record_cuda(
     out: torch.Tensor,
 ) -> None:
     """Eager CUDA map+record into ``out``: picks the kernel variant from the shape alone."""
-    global _cuda_failure
+    args = (topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view,
+            record_enabled, num_unpadded_tokens, out)
     variant = topk_variant(topk_ids.numel())
-    if variant != "triton" and _cuda_failure is None:
-        try:
-            # Falls back to Triton by itself where the CUDA kernel does not apply.
-            cuda_histogram.VARIANTS[variant](
-                topk_ids, logical_to_physical_map, logical_replica_count,
-                expert_load_view, record_enabled, num_unpadded_tokens, out,
-            )
-            return
-        except RuntimeError as error:
-            # NVRTC or the driver failed before anything was launched: a
-            # missing toolchain must not take the forward pass down.
-            _cuda_failure = error
-            warnings.warn(f"eplb_compile: CUDA topk kernels unavailable, using Triton: {error}", stacklevel=2)
-    launch_map(
-        topk_ids,
-        logical_to_physical_map,
-        logical_replica_count,
-        out,
-        expert_load_view,
-        record_enabled,
-        num_unpadded_tokens,
-    )
+    if variant != "triton" and _try_cuda(_launch_variant, variant, *args):
+        return
+    launch_map(topk_ids, logical_to_physical_map, logical_replica_count, out,
+               expert_load_view, record_enabled, num_unpadded_tokens)
 
 
-__all__ = ["TOPK_PLAN", "launch_map", "launch_record_counts", "map_and_record_cuda", "topk_variant"]
+def map_only_cuda(
+    topk_ids: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Eager CUDA map-only into ``out``: the direct kernel (cheaper to launch), else Triton."""
+    if _try_cuda(cuda_histogram.map_only_direct, topk_ids, logical_to_physical_map, logical_replica_count, out):
+        return
+    launch_map(topk_ids, logical_to_physical_map, logical_replica_count, out)
+
+
+__all__ = ["TOPK_PLAN", "launch_map", "launch_record_counts", "map_and_record_cuda", "map_only_cuda", "topk_variant"]

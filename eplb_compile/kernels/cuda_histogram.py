@@ -120,7 +120,8 @@ EPLB_DEVICE u32 record_limit(const int* num_unpadded, u32 numel) {
 extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_direct(EPLB_KERNEL_PARAMS) {
     const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= numel) return;
-    const bool record = *record_enabled != 0;
+    // A null gate is map_only: nothing is read from it and nothing recorded.
+    const bool record = record_enabled != nullptr && *record_enabled != 0;
     const u32 limit = record_limit(num_unpadded, numel);
     const int e = (int)ids[i];  // vLLM reads the ids as int32
     i64 physical = -1;
@@ -541,7 +542,7 @@ def _params(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_tok
         l2p.shape[1],
         load.data_ptr(),
         load.shape[0],
-        record_enabled.data_ptr(),
+        0 if record_enabled is None else record_enabled.data_ptr(),
         0 if num_unpadded_tokens is None else num_unpadded_tokens.data_ptr(),
         topk_ids.numel(),
     ]
@@ -563,7 +564,7 @@ def _supported(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded_
         and l2p.shape[0] <= _MAX_INT32
         and load.shape[0] <= _MAX_INT32
         and replica_count.dtype in (torch.int32, torch.int64)
-        and record_enabled.dtype in (torch.bool, torch.uint8)
+        and (record_enabled is None or record_enabled.dtype in (torch.bool, torch.uint8))
         and (num_unpadded_tokens is None or num_unpadded_tokens.dtype == torch.int32)
     )
 
@@ -685,6 +686,21 @@ def map_and_record_direct(
     if not _launch_direct(*args):
         _fall_back("direct", fallback, *args)
     return out
+
+
+def map_only_direct(
+    topk_ids: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    out: torch.Tensor,
+) -> bool:
+    """The direct kernel with a null gate: mapping only, into ``out``.
+
+    Its launch costs less host time than Triton's launcher. False, launching
+    nothing, where the kernel does not take these inputs.
+    """
+    # ``out`` stands in for the load: with a null gate the kernel never touches it.
+    return _launch_direct(topk_ids, logical_to_physical_map, logical_replica_count, out, None, None, out)
 
 
 def _smem_entry(name: str):
