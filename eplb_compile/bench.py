@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from eplb_compile.reference import expected_map_and_record
+
 DEFAULT_TOKENS = (1, 16, 128, 512, 2048, 8192, 16384, 32768)
 QUICK_TOKENS = (1, 128, 2048, 32768)
 
@@ -192,28 +194,11 @@ def build_workload(setup: Setup, tokens: int, id_dtype: torch.dtype, seed: int) 
 # Implementations: one call per layer, plus its correctness check.
 # ---------------------------------------------------------------------------
 
-# (ids, l2p, replica_count, load, gate, num_unpadded, out) -> physical ids
-MapRecord = Callable[..., torch.Tensor]
-
-
 @dataclass
 class Impl:
     name: str
     kind: str  # "map_record", "map_only", "counts", "count_path", "floor"
     fn: Callable
-
-
-def _reference(ids, l2p, replica_count, load, record: bool, num_unpadded: int | None):
-    """Expected (ids, load) on the CPU: element-wise reference, or the CPU op when large."""
-    from eplb_compile.reference import map_and_record_reference
-
-    cpu = [t.cpu() for t in (ids, l2p, replica_count, load)]
-    if ids.numel() <= 20_000:
-        return map_and_record_reference(*cpu, record, num_unpadded)
-    unpadded = None if num_unpadded is None else torch.tensor(num_unpadded, dtype=torch.int32)
-    new_load = cpu[3].clone()
-    out = torch.ops.eplb_compile.map_and_record(cpu[0], cpu[1], cpu[2], new_load, torch.tensor(record), unpadded)
-    return out, new_load
 
 
 @dataclass
@@ -240,7 +225,7 @@ def expectations(setup: Setup, work: Workload) -> list[Expected]:
         initial = torch.randint(0, 100, (setup.num_physical,), dtype=torch.int32, generator=generator)
         ids, l2p, rc = work.ids[layer], setup.l2p[layer], setup.replica_count[layer]
         for record, num_unpadded in configs:
-            want_ids, want_load = _reference(ids, l2p, rc, initial, record, num_unpadded)
+            want_ids, want_load = expected_map_and_record(ids, l2p, rc, initial, record, num_unpadded)
             result.append(Expected(layer, record, num_unpadded, initial.to(ids.device), want_ids, want_load, want_ids))
     return result
 

@@ -174,9 +174,8 @@ def choose_lowerings(cfg: DemoConfig) -> list[tuple[str, Lowering, str]]:
     choices = []
     for layer in range(cfg.layers):
         backend = BACKENDS[layer % len(BACKENDS)]
-        # Stand-in for the backend's expert_num_tokens; only its presence matters here.
-        counts = torch.empty(cfg.num_local, dtype=torch.int32) if backend == "deepep_ll" else None
-        choice = select_lowering(counts, cfg.tokens_per_rank, min_tokens=cfg.count_path_min_tokens)
+        # Chosen before dispatch: what matters is whether the backend will count.
+        choice = select_lowering(backend == "deepep_ll", cfg.tokens_per_rank, min_tokens=cfg.count_path_min_tokens)
         choices.append((backend, choice.lowering, choice.reason))
     return choices
 

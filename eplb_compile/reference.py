@@ -74,3 +74,26 @@ def record_counts_reference(
         for i, c in enumerate(counts.tolist()):
             load[start + i] += int(c)
     return torch.tensor(load, dtype=torch.int32)
+
+
+# Past this many elements the element-wise reference is slow; callers that
+# check large inputs use the CPU operator, itself checked against it.
+ELEMENTWISE_LIMIT = 20_000
+
+
+def expected_map_and_record(
+    topk_ids: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    expert_load_view: torch.Tensor,
+    record_enabled: bool,
+    num_unpadded_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(physical_ids, new_load)`` on the CPU for inputs on any device."""
+    cpu = [t.cpu() for t in (topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view)]
+    if topk_ids.numel() <= ELEMENTWISE_LIMIT:
+        return map_and_record_reference(*cpu, record_enabled, num_unpadded_tokens)
+    unpadded = None if num_unpadded_tokens is None else torch.tensor(num_unpadded_tokens, dtype=torch.int32)
+    load = cpu[3].clone()
+    ids = torch.ops.eplb_compile.map_and_record(cpu[0], cpu[1], cpu[2], load, torch.tensor(record_enabled), unpadded)
+    return ids, load

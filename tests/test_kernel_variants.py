@@ -20,7 +20,7 @@ if torch.cuda.is_available():
     import eplb_compile.ops  # noqa: F401 - registers torch.ops.eplb_compile
     from eplb_compile import kernels
     from eplb_compile.kernels import cuda_histogram
-    from eplb_compile.reference import map_and_record_reference
+    from eplb_compile.reference import expected_map_and_record, map_and_record_reference
     from tests.cases import make_case, poison_allocator
 
     VARIANT_NAMES = list(cuda_histogram.VARIANTS)
@@ -51,18 +51,6 @@ def _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, 
     return [t.to(device) for t in tensors]
 
 
-def _expected(ids, l2p, replica_count, load, record, num_unpadded):
-    cpu = [t.cpu() for t in (ids, l2p, replica_count, load)]
-    if ids.numel() <= 20_000:
-        return map_and_record_reference(*cpu, record, num_unpadded)
-    # Past that the element-wise reference is slow; the CPU operator is the
-    # vectorised plain-torch lowering, itself checked against the reference.
-    load_cpu = cpu[3].clone()
-    unpadded = None if num_unpadded is None else torch.tensor(num_unpadded, dtype=torch.int32)
-    out = torch.ops.eplb_compile.map_and_record(cpu[0], cpu[1], cpu[2], load_cpu, torch.tensor(record), unpadded)
-    return out, load_cpu
-
-
 def _run(launch, ids, l2p, replica_count, load, record, num_unpadded):
     gate = torch.tensor(record, device=ids.device)
     unpadded = None if num_unpadded is None else torch.tensor(num_unpadded, dtype=torch.int32, device=ids.device)
@@ -76,7 +64,7 @@ def _run(launch, ids, l2p, replica_count, load, record, num_unpadded):
 def _check(launch, seed, tokens, k=8, num_logical=40, slots=4, num_physical=60, id_dtype=torch.int32,
            rc_dtype=torch.int64, record=True, num_unpadded=None):
     ids, l2p, replica_count, load = _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, rc_dtype)
-    want_ids, want_load = _expected(ids, l2p, replica_count, load, record, num_unpadded)
+    want_ids, want_load = expected_map_and_record(ids, l2p, replica_count, load, record, num_unpadded)
     got_ids, got_load = _run(launch, ids, l2p, replica_count, load, record, num_unpadded)
     assert torch.equal(got_ids.cpu(), want_ids), "physical ids differ from the reference"
     assert torch.equal(got_load.cpu(), want_load), "load differs from the reference"
@@ -131,7 +119,7 @@ def test_variant_strided_tables(name):
     l2p_t = l2p.t().contiguous().t()  # column-major [40, 6]
     counts = torch.stack([replica_count, replica_count]).t().reshape(-1)[::2]  # stride 2
     assert not l2p_t.is_contiguous() and counts.stride(0) == 2
-    want_ids, want_load = _expected(ids, l2p_t, counts, load, True, 250)
+    want_ids, want_load = expected_map_and_record(ids, l2p_t, counts, load, True, 250)
     got_ids, got_load = _run(_strict(name), ids, l2p_t, counts, load, True, 250)
     assert torch.equal(got_ids.cpu(), want_ids)
     assert torch.equal(got_load.cpu(), want_load)
@@ -151,7 +139,7 @@ def test_variant_vllm_shaped_map(name):
         for r in range(int(counts[e])):
             l2p[e, r] = physical.pop()
     l2p, counts = l2p.cuda(), counts.cuda()
-    want_ids, want_load = _expected(ids, l2p, counts, load, True, 500)
+    want_ids, want_load = expected_map_and_record(ids, l2p, counts, load, True, 500)
     got_ids, got_load = _run(_strict(name), ids, l2p, counts, load, True, 500)
     assert torch.equal(got_ids.cpu(), want_ids)
     assert torch.equal(got_load.cpu(), want_load)
@@ -176,7 +164,7 @@ def test_variant_non_contiguous_ids_fall_back(name):
     strided = ids[:, ::2]  # [50, 8], not contiguous
     with pytest.raises(ValueError):
         _run(_strict(name), strided, l2p, replica_count, load, True, None)
-    want_ids, want_load = _expected(strided, l2p, replica_count, load, True, 30)
+    want_ids, want_load = expected_map_and_record(strided, l2p, replica_count, load, True, 30)
     got_ids, got_load = _run(cuda_histogram.VARIANTS[name], strided, l2p, replica_count, load, True, 30)
     assert torch.equal(got_ids.cpu(), want_ids)
     assert torch.equal(got_load.cpu(), want_load)
@@ -202,17 +190,22 @@ def test_smem_drops_map_cache_when_tight(name):
     _check(_strict(name), _seed(name), 300, num_logical=256, slots=6, num_physical=num_physical)
 
 
-@pytest.mark.parametrize("name", SMEM_NAMES)
-def test_smem_falls_back_when_histogram_does_not_fit(name):
-    num_physical = _physical_for_smem(-64)
+def _assert_refuses_then_falls_back(name: str, num_physical: int) -> None:
+    """Strict, the variant refuses a histogram too large for shared memory; by
+    default the same call runs the Triton kernel and is exact."""
     ids, l2p, replica_count, load = _random_inputs(_seed(name), 200, 8, 256, 4, num_physical, torch.int32,
                                                    torch.int64)
     with pytest.raises(ValueError):
         _run(_strict(name), ids, l2p, replica_count, load, True, None)
-    want_ids, want_load = _expected(ids, l2p, replica_count, load, True, None)
+    want_ids, want_load = expected_map_and_record(ids, l2p, replica_count, load, True, None)
     got_ids, got_load = _run(cuda_histogram.VARIANTS[name], ids, l2p, replica_count, load, True, None)
     assert torch.equal(got_ids.cpu(), want_ids)
     assert torch.equal(got_load.cpu(), want_load)
+
+
+@pytest.mark.parametrize("name", SMEM_NAMES)
+def test_smem_falls_back_when_histogram_does_not_fit(name):
+    _assert_refuses_then_falls_back(name, _physical_for_smem(-64))
 
 
 @pytest.mark.parametrize("name", HIST_NAMES)
@@ -220,15 +213,7 @@ def test_hist_fits_and_falls_back(name):
     """The unstaged kernel needs only the histogram in shared memory: exact up to the limit, Triton past it."""
     _, limit = cuda_histogram._device_limits(torch.cuda.current_device())
     _check(_strict(name), _seed(name, "fits"), 300, num_logical=256, slots=6, num_physical=limit // 4)
-    num_physical = limit // 4 + 1
-    ids, l2p, replica_count, load = _random_inputs(_seed(name), 200, 8, 256, 4, num_physical, torch.int32,
-                                                   torch.int64)
-    with pytest.raises(ValueError):
-        _run(_strict(name), ids, l2p, replica_count, load, True, None)
-    want_ids, want_load = _expected(ids, l2p, replica_count, load, True, None)
-    got_ids, got_load = _run(cuda_histogram.VARIANTS[name], ids, l2p, replica_count, load, True, None)
-    assert torch.equal(got_ids.cpu(), want_ids)
-    assert torch.equal(got_load.cpu(), want_load)
+    _assert_refuses_then_falls_back(name, limit // 4 + 1)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)

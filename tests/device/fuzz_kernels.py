@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from tests.test_kernel_variants import _expected, _random_inputs, _run, _strict, cuda_histogram
+from eplb_compile.reference import expected_map_and_record
+from tests.test_kernel_variants import _random_inputs, _run, _strict, cuda_histogram
 
 
 def main() -> int:
@@ -37,7 +38,7 @@ def main() -> int:
         num_unpadded = rng.choice([None, tokens, tokens // 2])
         ids, l2p, rc, load = _random_inputs(rng.randrange(2**31), tokens, k, num_logical, slots, num_physical,
                                             id_dtype, rng.choice([torch.int32, torch.int64]))
-        want_ids, want_load = _expected(ids, l2p, rc, load, record, num_unpadded)
+        want_ids, want_load = expected_map_and_record(ids, l2p, rc, load, record, num_unpadded)
         got_ids, got_load = _run(_strict(name), ids, l2p, rc, load, record, num_unpadded)
         if not (torch.equal(got_ids.cpu(), want_ids) and torch.equal(got_load.cpu(), want_load)):
             bad += 1
