@@ -19,12 +19,11 @@ import eplb_compile
 from eplb_compile.reference import map_and_record_reference, record_counts_reference
 
 from tests.cases import DEVICES, poison_allocator
+from tests.layouts import ID_LAYOUTS, ids_base_shape, ids_view
 
 SENTINEL = -987654321
 GUARD = 8
 ID_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
-# How topk_ids [T, k] sits in memory; vLLM hands over slices and transposes.
-ID_LAYOUTS = ["contiguous", "transposed", "stepped", "column_slice", "expanded"]
 MAP_LAYOUTS = ["contiguous", "transposed", "column_slice"]
 
 
@@ -68,13 +67,7 @@ def map_params(draw, max_tokens: int) -> MapParams:
 
 
 def ids_base(p: MapParams, g: torch.Generator) -> torch.Tensor:
-    shape = {
-        "contiguous": (p.tokens, p.k),
-        "transposed": (p.k, p.tokens),
-        "stepped": (2 * p.tokens, 3 * p.k),
-        "column_slice": (p.tokens, p.k + 3),
-        "expanded": (1, p.k),
-    }[p.id_layout]
+    shape = ids_base_shape(p.id_layout, p.tokens, p.k)
     # Ids from -2 to num_logical + 1: the out-of-range ones map to -1.
     values = torch.randint(-2, p.num_logical + 2, shape, generator=g)
     if p.extremes and values.numel():
@@ -82,16 +75,6 @@ def ids_base(p: MapParams, g: torch.Generator) -> torch.Tensor:
         values.view(-1)[:: 5] = info.max
         values.view(-1)[2 :: 7] = info.min
     return values.to(p.id_dtype)  # wraps for the narrow dtypes, like a real cast
-
-
-def ids_view(base: torch.Tensor, p: MapParams) -> torch.Tensor:
-    return {
-        "contiguous": lambda: base,
-        "transposed": lambda: base.t(),
-        "stepped": lambda: base[::2, 1::3],
-        "column_slice": lambda: base[:, 2 : 2 + p.k],
-        "expanded": lambda: base.expand(p.tokens, p.k),  # stride 0 across tokens
-    }[p.id_layout]()
 
 
 def map_base(p: MapParams, g: torch.Generator) -> torch.Tensor:
@@ -122,7 +105,7 @@ class MapInputs:
 def build(p: MapParams, device: str) -> MapInputs:
     """The same inputs on any device: the views are taken after the move."""
     g = torch.Generator().manual_seed(p.seed)
-    ids = ids_view(ids_base(p, g).to(device), p)
+    ids = ids_view(ids_base(p, g).to(device), p.id_layout, p.tokens, p.k)
     l2p = map_view(map_base(p, g).to(device), p)
     # Replica counts from 0 (read as 1) to past the slots (mapped to -1).
     replicas = torch.randint(0, p.slots + 2, (p.num_logical * 2,), generator=g).to(p.replica_dtype).to(device)

@@ -15,17 +15,13 @@ import torch
 import eplb_compile
 from eplb_compile.reference import record_counts_reference
 
-from tests.cases import DEVICES, requires_cuda
+from tests.cases import DEVICES, MapCase, requires_cuda
 
 
 @dataclass
-class Args:
-    topk_ids: torch.Tensor
-    l2p: torch.Tensor
-    replica_count: torch.Tensor
-    load: torch.Tensor
-    record_enabled: torch.Tensor
-    num_unpadded_tokens: torch.Tensor | None
+class Args(MapCase):
+    """A map case plus the count path's arguments: valid inputs for every op."""
+
     counts: torch.Tensor
     start: int
 

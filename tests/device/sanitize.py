@@ -44,11 +44,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, when not installed
 import eplb_compile  # noqa: E402
 from eplb_compile.reference import map_and_record_reference, record_counts_reference  # noqa: E402
+from tests.layouts import ID_LAYOUTS, ids_base_shape, ids_view  # noqa: E402
 
 SENTINEL = -123456789
 GUARD = 64
 ID_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
-ID_LAYOUTS = ["contiguous", "contiguous", "transposed", "stepped", "column_slice", "expanded"]
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -100,14 +100,8 @@ def make_case(index: int, rng: random.Random, max_tokens: int) -> Case:
     # Mostly EP-sized loads; some far past what a shared-memory histogram holds.
     num_physical = rng.choice([1, rng.randint(1, 400), rng.randint(1, 400), rng.randint(30_000, 70_000)])
     id_dtype = rng.choice(ID_DTYPES)
-    id_layout = rng.choice(ID_LAYOUTS)
-    shape = {
-        "contiguous": (tokens, k),
-        "transposed": (k, tokens),
-        "stepped": (2 * tokens, 3 * k),
-        "column_slice": (tokens, k + 3),
-        "expanded": (1, k),
-    }[id_layout]
+    id_layout = rng.choice(("contiguous",) + ID_LAYOUTS)  # contiguous twice as often
+    shape = ids_base_shape(id_layout, tokens, k)
 
     # Expert ids: out of range on both sides, a hot expert, the dtype's extremes.
     ids = torch.randint(-3, num_logical + 3, shape, generator=g)
@@ -146,18 +140,6 @@ def make_case(index: int, rng: random.Random, max_tokens: int) -> Case:
     )
 
 
-def ids_view(base: torch.Tensor, case: Case) -> torch.Tensor:
-    if case.id_layout == "transposed":
-        return base.t()
-    if case.id_layout == "stepped":
-        return base[::2, 1::3]
-    if case.id_layout == "column_slice":
-        return base[:, 2 : 2 + case.k]
-    if case.id_layout == "expanded":
-        return base.expand(case.tokens, case.k)
-    return base
-
-
 def place(t: torch.Tensor, device: str, guarded: bool, fill) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` on the device: alone, or in the middle of a buffer filled with ``fill``."""
     if not guarded:
@@ -192,7 +174,7 @@ class Inputs:
     """One case's tensors on the device (fresh for each kernel)."""
 
     def __init__(self, case: Case, device: str):
-        self.ids = ids_view(case.ids_base.to(device), case)
+        self.ids = ids_view(case.ids_base.to(device), case.id_layout, case.tokens, case.k)
         # Decoys: physical id 0 and replica count 1, so a stray read counts expert 0.
         _, self.l2p = place(case.l2p, device, case.guarded, 0)
         _, self.replica_count = place(case.replica_count, device, case.guarded, 1)
@@ -235,7 +217,7 @@ def run(cases: int, max_tokens: int, seed: int, device: str) -> int:
     began = time.time()
     for index in range(cases):
         case = make_case(index, rng, max_tokens)
-        cpu_ids = ids_view(case.ids_base, case)
+        cpu_ids = ids_view(case.ids_base, case.id_layout, case.tokens, case.k)
         want_ids, want_load = map_and_record_reference(
             cpu_ids, case.l2p, case.replica_count, case.load, case.gate, case.num_unpadded
         )
