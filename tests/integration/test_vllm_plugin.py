@@ -48,6 +48,7 @@ from vllm.model_executor.layers.fused_moe.prepare_finalize import (  # noqa: E40
 from vllm.plugins import load_general_plugins  # noqa: E402
 
 from eplb_compile import vllm_plugin  # noqa: E402
+from eplb_compile.vllm_plugin import backends, vllm_surface  # noqa: E402
 from eplb_compile.reference import map_to_physical_reference  # noqa: E402
 from eplb_compile.selection import MIN_TOKENS_ENV  # noqa: E402
 
@@ -421,13 +422,16 @@ def test_padded_rows_are_not_counted(lowering):
         assert torch.equal(out_on[num_real:], torch.zeros_like(out_on[num_real:]))
 
 
-def test_count_path_without_a_padding_mask_falls_back_to_topk(monkeypatch, plugin_log):
+def test_count_path_needs_no_padding_mask_from_the_forward_context(monkeypatch, plugin_log):
+    # The padded rows are the ones at or past EplbLayerState's num_unpadded_tokens,
+    # as for vLLM's own recording, so no forward-context mask is needed.
     monkeypatch.setenv(MIN_TOKENS_ENV, "0")
     layer = Layer(ON, replicated_placement())
-    layer.forward(*inputs(40, seed=4), num_real=31, padding_mask=False)
+    out = layer.forward(*inputs(40, seed=4), num_real=31, padding_mask=False)
     assert torch.equal(layer.load, layer.expected_load([31]))
+    assert torch.equal(out[31:], torch.zeros_like(out[31:]))  # padded rows were never dispatched
     (line,) = lowering_lines(plugin_log)
-    assert "lowering=topk" in line and "no padding mask" in line
+    assert "lowering=counts" in line
 
 
 def test_backend_without_exact_counts_takes_the_topk_path(monkeypatch, plugin_log):
@@ -461,11 +465,11 @@ def test_count_path_records_in_prepare_and_survives_a_bypassed_prepare(monkeypat
 
 def test_exact_count_capability_per_backend():
     assert not MoEPrepareAndFinalizeNoDPEPModular().supports_exact_expert_num_tokens()
-    assert FusedMoEPrepareAndFinalize.supports_exact_expert_num_tokens is vllm_plugin._never
+    assert FusedMoEPrepareAndFinalize.supports_exact_expert_num_tokens is backends.never
     assert BatchedPrepareAndFinalize(8, 4, 1, 0).supports_exact_expert_num_tokens()
     # vLLM 0.33.0 dispatches DeepEP HT with expert_alignment=1 (read from its
     # source, which needs no deep_ep).
-    assert vllm_plugin._deepep_ht_expert_alignment() == 1
+    assert vllm_surface.deepep_ht_expert_alignment() == 1
 
 
 def test_register_and_attach_are_reentrant():
@@ -478,7 +482,9 @@ def test_register_and_attach_are_reentrant():
     assert BatchedPrepareAndFinalize.supports_exact_expert_num_tokens is capability
     layer = Layer(ON, replicated_placement())
     op, mapping = layer.router.eplb_load_update, layer.router._apply_eplb_mapping
-    vllm_plugin._attach(layer.runner)
+    from eplb_compile.vllm_plugin.load_update import attach
+
+    attach(layer.runner)
     assert layer.router.eplb_load_update is op and layer.router._apply_eplb_mapping == mapping
 
 

@@ -1,0 +1,211 @@
+"""Every place the plugin depends on vLLM or PyTorch internals, and nothing else.
+
+On a vLLM upgrade, review this file: each function names the vLLM 0.33.0
+source it depends on (paths under ``vllm/``). The rest of the plugin only
+calls these functions, vLLM's public ``CustomOp`` API and ``eplb_compile``'s
+public ops. Everything on the forward path here is plain attribute access
+that Dynamo traces without a graph break.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Set on everything the plugin installs into vLLM, so it never installs twice.
+MARK = "__eplb_compile__"
+
+_PREPARE_FINALIZE = "vllm.model_executor.layers.fused_moe.prepare_finalize"
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+# --------------------------------------------------------------------------
+# Construction time.
+# --------------------------------------------------------------------------
+
+
+def after_moe_runner_init(callback: Callable[[Any], None]) -> None:
+    """Call ``callback(runner)`` after every ``MoERunner.__init__``.
+
+    ``model_executor/layers/fused_moe/runner/moe_runner.py:250`` (``__init__``
+    sets ``self.router`` at :266 and ``self.routed_experts`` at :272).
+    MoERunner is the one class every fused-MoE layer is built as, through
+    ``FusedMoEFactory``, so this is where a layer's EPLB state first exists.
+    """
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    if getattr(MoERunner.__init__, MARK, False):
+        return
+    stock_init = MoERunner.__init__
+
+    @functools.wraps(stock_init)
+    def __init__(self, *args, **kwargs):
+        stock_init(self, *args, **kwargs)
+        callback(self)
+
+    setattr(__init__, MARK, True)
+    MoERunner.__init__ = __init__
+
+
+def eplb_router(runner):
+    """The runner's router if it is vLLM's ``BaseRouter`` with EPLB on, else None.
+
+    ``router/base_router.py``: ``BaseRouter.eplb_state`` is an
+    ``EplbLayerState`` (``distributed/eplb/eplb_state.py:1192``) when EPLB is on.
+    """
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    router = runner.router
+    if isinstance(router, BaseRouter) and router.eplb_state is not None:
+        return router
+    return None
+
+
+def is_routed(router) -> bool:
+    """Whether :func:`route_eplb_mapping_through` already ran on this router."""
+    return "_apply_eplb_mapping" in vars(router)
+
+
+def route_eplb_mapping_through(router, mapping: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Make ``router._apply_eplb_mapping`` call ``mapping``.
+
+    ``router/base_router.py:203`` defines ``_apply_eplb_mapping(topk_ids)``,
+    called once per forward from ``_select_experts`` (:300); its stock body
+    calls ``eplb_map_to_physical_and_record``. Set on the instance only, so the
+    class and every other router stay stock.
+    """
+    router._apply_eplb_mapping = mapping
+
+
+def install_capability(name: str, default, per_backend: dict[tuple[str, str], Any]) -> None:
+    """Add the capability method ``name`` to vLLM's prepare/finalize classes.
+
+    ``model_executor/layers/fused_moe/modular_kernel.py``
+    (``FusedMoEPrepareAndFinalize``, the ABC) and the classes under
+    ``prepare_finalize/``, as ``(module, class)``. A method vLLM defines itself
+    is never replaced.
+    """
+    import importlib
+
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEPrepareAndFinalize
+
+    def install(cls: type, method) -> None:
+        existing = cls.__dict__.get(name)
+        if existing is None or getattr(existing, MARK, False):
+            setattr(cls, name, method)
+
+    install(FusedMoEPrepareAndFinalize, default)
+    for (module_name, class_name), method in per_backend.items():
+        try:
+            module = importlib.import_module(f"{_PREPARE_FINALIZE}.{module_name}")
+        except ImportError:  # its optional dependency (deep_ep, nixl_ep) is absent
+            continue
+        install(getattr(module, class_name), method)
+
+
+@functools.cache
+def deepep_ht_expert_alignment() -> int | None:
+    """The ``expert_alignment`` vLLM passes to DeepEP HT dispatch (1 in 0.33.0).
+
+    ``prepare_finalize/deepep_ht.py:185``. Read from the module's source,
+    which needs no ``deep_ep`` installed; None unless every call site passes
+    the same literal.
+    """
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec(f"{_PREPARE_FINALIZE}.deepep_ht")
+    if spec is None or spec.origin is None:
+        return None
+    found = set(re.findall(r"expert_alignment=(\d+)", pathlib.Path(spec.origin).read_text()))
+    return int(found.pop()) if len(found) == 1 else None
+
+
+# --------------------------------------------------------------------------
+# Per forward.
+# --------------------------------------------------------------------------
+
+
+def modular_kernel(runner):
+    """The layer's ``FusedMoEKernelModularImpl``, or None (monolithic, none yet).
+
+    ``runner.routed_experts.quant_method.moe_kernel`` is a ``FusedMoEKernel``
+    whose ``.impl`` is modular or monolithic (``modular_kernel.py:1704-1716``).
+    Looked up per forward: vLLM installs the kernel after the runner is built.
+    """
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernelModularImpl
+
+    kernel = getattr(runner.routed_experts.quant_method, "moe_kernel", None)
+    impl = getattr(kernel, "impl", None)
+    return impl if isinstance(impl, FusedMoEKernelModularImpl) else None
+
+
+def after_prepare(impl, callback: Callable[[Any], None]) -> None:
+    """Call ``callback(expert_tokens_meta)`` after each ``impl._prepare`` (once-only wrap).
+
+    ``modular_kernel.py:1236``: ``_prepare`` returns ``(a1q, a1q_scale,
+    expert_tokens_meta, topk_ids, topk_weights)``, unpacked by name at its call
+    site (:1547). Dispatch has happened by then, so ``expert_num_tokens`` holds
+    what this rank's experts received.
+    """
+    if getattr(impl._prepare, MARK, False):
+        return
+    stock_prepare = impl._prepare
+
+    def _prepare(*args, **kwargs):
+        result = stock_prepare(*args, **kwargs)
+        a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights = result
+        callback(expert_tokens_meta)
+        return a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights
+
+    setattr(_prepare, MARK, True)
+    impl._prepare = _prepare
+
+
+def ubatch_id() -> int:
+    """``v1/worker/ubatching.py:154`` ``dbo_current_ubatch_id()``: which
+    micro-batch runs (indexes ``EplbLayerState.num_unpadded_tokens_tensors``)."""
+    from vllm.v1.worker.ubatching import dbo_current_ubatch_id
+
+    return dbo_current_ubatch_id()
+
+
+def dp_max_num_tokens(local_num_tokens: int) -> int:
+    """The largest token count of any DP rank in this forward (eager only).
+
+    ``forward_context.py:82``: ``DPMetadata.num_tokens_across_dp_cpu``, a CPU
+    tensor, present when the forward context has DP metadata.
+    """
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return local_num_tokens
+    dp_metadata = get_forward_context().dp_metadata
+    if dp_metadata is None:
+        return local_num_tokens
+    return int(dp_metadata.num_tokens_across_dp_cpu.max())
+
+
+# --------------------------------------------------------------------------
+# PyTorch.
+# --------------------------------------------------------------------------
+
+
+def call_after_compiled_graphs(fn: Callable[..., None]) -> Callable[..., None]:
+    """Let ``fn`` (a logging function with constant arguments) run in compiled code.
+
+    ``torch/_dynamo/config.py`` ``reorderable_logging_functions``: Dynamo
+    records a call to such a function instead of breaking the graph, and
+    replays it after the graph on every run. Eager calls are plain calls.
+    """
+    torch._dynamo.config.reorderable_logging_functions.add(fn)
+    return fn
