@@ -68,10 +68,27 @@ def select_lowering(
     if expert_num_tokens is None or expert_num_tokens is False:
         return LoweringChoice(Lowering.TOPK, "backend provides no exact per-expert counts")
     threshold = count_path_min_tokens() if min_tokens is None else min_tokens
+    if torch.compiler.is_compiling():
+        return _select_while_compiling(threshold)
     if num_tokens < threshold:
         return LoweringChoice(
             Lowering.TOPK, f"{num_tokens} tokens < crossover {threshold}: one fused kernel is cheaper"
         )
     return LoweringChoice(
         Lowering.COUNTS, f"exact backend counts and {num_tokens} tokens >= crossover {threshold}"
+    )
+
+
+def _select_while_compiling(threshold: int) -> LoweringChoice:
+    """Under torch.compile: one choice per graph, never from the token count.
+
+    Comparing a dynamic token count with the crossover would guard on it, and
+    vLLM's compiled mode drops guards, so one traced choice serves every size
+    (and every EP rank must make the same one). So the count path is taken
+    only when the crossover is 0, which every size meets.
+    """
+    if threshold == 0:
+        return LoweringChoice(Lowering.COUNTS, "exact backend counts and crossover 0 (compiled graph)")
+    return LoweringChoice(
+        Lowering.TOPK, f"compiled graph serves token counts below crossover {threshold}: one fused kernel"
     )

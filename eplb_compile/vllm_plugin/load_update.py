@@ -35,6 +35,10 @@ logger = init_logger(LOGGER_NAME)
 
 _logged: set[tuple[int, str]] = set()
 _op_keys = itertools.count()
+# ubatch id -> the op whose count-path forward waits for its prepare. Set by
+# the router, cleared by the prepare that follows: empty between forwards, so
+# a compiled graph never sees it change.
+_counts_pending: dict[int, EplbLoadUpdate] = {}
 
 
 @vllm_surface.call_after_compiled_graphs
@@ -70,8 +74,6 @@ class EplbLoadUpdate(CustomOp):
         self.layer_name = runner.layer_name
         self._layer = _Layer(runner)
         self._key = next(_op_keys)
-        self._placement: tuple[Any, int, int] | None = None  # (moe_config, start, num_local)
-        self._counts_pending: dict[int, bool] = {}  # ubatch id -> record after prepare
         self._counts_lost = False  # set once a count-path forward lost its load
 
     def forward_native(self, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -79,11 +81,12 @@ class EplbLoadUpdate(CustomOp):
         state = runner.router.eplb_state
         ubatch = vllm_surface.ubatch_id()
         num_unpadded = state.num_unpadded_tokens_tensors[ubatch]
-        if self._counts_pending.get(ubatch, False) and not self._counts_lost:
+        waiting = _counts_pending.pop(ubatch, None)
+        if waiting is not None:
             # Model code that calls the router and then its own GEMMs instead
             # of the modular kernel: that forward's counts never came.
-            self._counts_lost = True
-            warn_counts_lost(self.layer_name, "a count-path forward never reached the modular kernel's prepare")
+            waiting._counts_lost = True
+            warn_counts_lost(waiting.layer_name, "a count-path forward never reached the modular kernel's prepare")
 
         impl = None if self._counts_lost else vllm_surface.modular_kernel(runner)
         choice = ec.select_lowering(
@@ -92,10 +95,8 @@ class EplbLoadUpdate(CustomOp):
         backend = "none" if impl is None else type(impl.prepare_finalize).__name__
         log_lowering(self._key, self.layer_name, choice.lowering.value, backend, choice.reason)
 
-        use_counts = choice.lowering is ec.Lowering.COUNTS
-        self._counts_pending[ubatch] = use_counts
-        if use_counts:
-            vllm_surface.after_prepare(impl, self._record_counts)
+        if choice.lowering is ec.Lowering.COUNTS:
+            _counts_pending[ubatch] = self
             physical = ec.map_only(topk_ids, state.logical_to_physical_map, state.logical_replica_count)
             # Rows of -1 are never dispatched, so expert_num_tokens leaves them out.
             rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
@@ -126,9 +127,7 @@ class EplbLoadUpdate(CustomOp):
         return vllm_surface.dp_max_num_tokens(local_num_tokens)
 
     def _record_counts(self, expert_tokens_meta) -> None:
-        """After prepare: add the backend's counts, if this forward took the count path."""
-        if not self._counts_pending.pop(vllm_surface.ubatch_id(), False):
-            return
+        """After this layer's prepare: add the backend's counts to the load."""
         counts = None if expert_tokens_meta is None else expert_tokens_meta.expert_num_tokens
         if counts is None:
             self._counts_lost = True
@@ -143,21 +142,21 @@ class EplbLoadUpdate(CustomOp):
         ec.record_counts(state.expert_load_view, counts, start, state.should_record_tensor)
 
     def _local_slice(self, num_physical: int) -> tuple[int, int]:
-        """``(start, num_local)`` of this rank's experts, once per layer config.
+        """``(start, num_local)`` of this rank's experts under EPLB's linear placement.
 
-        Recomputed only if vLLM swaps the layer's config (elastic EP).
+        Read from the layer's config on every call (it is Python arithmetic,
+        constant in a compiled graph): vLLM may swap the config (elastic EP),
+        and a cached value would be state that a compiled graph guards on.
         """
         config = self._layer.runner.moe_config
-        if self._placement is None or self._placement[0] is not config:
-            num_local = config.num_local_experts
-            start = config.moe_parallel_config.ep_rank * num_local
-            if start + num_local > num_physical:
-                raise RuntimeError(
-                    f"{LOG_TAG} layer={self.layer_name}: local experts [{start}, {start + num_local}) "
-                    f"do not fit the {num_physical} physical experts of the load"
-                )
-            self._placement = (config, start, num_local)
-        return self._placement[1], self._placement[2]
+        num_local = config.num_local_experts
+        start = config.moe_parallel_config.ep_rank * num_local
+        if start + num_local > num_physical:
+            raise RuntimeError(
+                f"{LOG_TAG} layer={self.layer_name}: local experts [{start}, {start + num_local}) "
+                f"do not fit the {num_physical} physical experts of the load"
+            )
+        return start, num_local
 
 
 def attach(runner) -> None:
@@ -181,5 +180,12 @@ def attach(runner) -> None:
             LOG_TAG, op.layer_name, current_platform.device_type,
         )
         return
+    vllm_surface.after_every_prepare(_record_pending_counts)
     vllm_surface.route_eplb_mapping_through(router, op.forward)
     router.eplb_load_update = op  # for introspection and tests
+
+
+def _record_pending_counts(expert_tokens_meta) -> None:
+    op = _counts_pending.pop(vllm_surface.ubatch_id(), None)
+    if op is not None:
+        op._record_counts(expert_tokens_meta)

@@ -149,26 +149,30 @@ def modular_kernel(runner):
     return impl if isinstance(impl, FusedMoEKernelModularImpl) else None
 
 
-def after_prepare(impl, callback: Callable[[Any], None]) -> None:
-    """Call ``callback(expert_tokens_meta)`` after each ``impl._prepare`` (once-only wrap).
+def after_every_prepare(callback: Callable[[Any], None]) -> None:
+    """Call ``callback(expert_tokens_meta)`` after every modular kernel's ``_prepare``.
 
-    ``modular_kernel.py:1236``: ``_prepare`` returns ``(a1q, a1q_scale,
-    expert_tokens_meta, topk_ids, topk_weights)``, unpacked by name at its call
-    site (:1547). Dispatch has happened by then, so ``expert_num_tokens`` holds
-    what this rank's experts received.
+    ``modular_kernel.py:1236``: ``FusedMoEKernelModularImpl._prepare`` returns
+    ``(a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights)``, unpacked
+    by name at its call site (:1547). Dispatch has happened by then, so
+    ``expert_num_tokens`` holds what this rank's experts received. Wrapped once
+    on the class, before any forward: a wrapper added to an instance at its
+    first forward would be state that a compiled graph guards on.
     """
-    if getattr(impl._prepare, MARK, False):
-        return
-    stock_prepare = impl._prepare
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernelModularImpl
 
-    def _prepare(*args, **kwargs):
-        result = stock_prepare(*args, **kwargs)
-        a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights = result
+    if getattr(FusedMoEKernelModularImpl._prepare, MARK, False):
+        return
+    stock_prepare = FusedMoEKernelModularImpl._prepare
+
+    @functools.wraps(stock_prepare)
+    def _prepare(self, *args, **kwargs):
+        a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights = stock_prepare(self, *args, **kwargs)
         callback(expert_tokens_meta)
         return a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights
 
     setattr(_prepare, MARK, True)
-    impl._prepare = _prepare
+    FusedMoEKernelModularImpl._prepare = _prepare
 
 
 def ubatch_id() -> int:

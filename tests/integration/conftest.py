@@ -14,6 +14,8 @@ stood in for here, only when missing, and neither touches a vLLM class:
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # else VllmConfig() cannot infer a device
@@ -57,3 +59,43 @@ def cpu_stand_ins_for_vllm_extensions():
     remove = install_cpu_stand_ins()
     yield
     remove()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin_loaded_by_vllm():
+    """The plugin, loaded by vLLM's own loader through the installed entry point, as in `vllm serve`."""
+    if importlib.util.find_spec("vllm") is None:
+        return
+    from vllm.model_executor.custom_op import op_registry
+    from vllm.plugins import load_general_plugins
+
+    from eplb_compile import vllm_plugin
+
+    load_general_plugins()
+    assert vllm_plugin.OP_NAME in op_registry, "entry point not installed: pip install -e ."
+
+
+@pytest.fixture
+def plugin_log():
+    """Records of the plugin's logger (vLLM may stop them propagating to root)."""
+    from eplb_compile import vllm_plugin
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(vllm_plugin.LOGGER_NAME)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+@pytest.fixture(params=["counts", "topk"])
+def lowering(request, monkeypatch):
+    """Force each lowering in turn through the crossover variable."""
+    from eplb_compile.selection import MIN_TOKENS_ENV
+
+    monkeypatch.setenv(MIN_TOKENS_ENV, "0" if request.param == "counts" else str(10**9))
+    return request.param

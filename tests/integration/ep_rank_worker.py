@@ -28,12 +28,15 @@ def main(rank: int, port: int) -> None:
     from vllm.forward_context import set_forward_context
     from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
 
-    import test_vllm_plugin as t
+    from vllm.config import CompilationConfig, VllmConfig
+    from vllm.plugins import load_general_plugins
+
+    import vllm_layers as t
     from eplb_compile.selection import MIN_TOKENS_ENV
 
-    t.load_general_plugins()
-    config = t.VllmConfig(
-        compilation_config=t.CompilationConfig(custom_ops=t.ON),
+    load_general_plugins()
+    config = VllmConfig(
+        compilation_config=CompilationConfig(custom_ops=t.ON),
         parallel_config=ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True),
     )
     l2p, replicas = t.replicated_placement()
