@@ -175,7 +175,10 @@ def choose_lowerings(cfg: DemoConfig) -> list[tuple[str, Lowering, str]]:
     for layer in range(cfg.layers):
         backend = BACKENDS[layer % len(BACKENDS)]
         # Chosen before dispatch: what matters is whether the backend will count.
-        choice = select_lowering(backend == "deepep_ll", cfg.tokens_per_rank, min_tokens=cfg.count_path_min_tokens)
+        choice = select_lowering(
+            backend == "deepep_ll", cfg.tokens_per_rank, min_tokens=cfg.count_path_min_tokens,
+            device=torch.device(cfg.device),
+        )
         choices.append((backend, choice.lowering, choice.reason))
     return choices
 
