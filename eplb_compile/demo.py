@@ -20,6 +20,7 @@ from eplb_compile import metrics
 from eplb_compile.ops import map_and_record, map_only, record_counts
 from eplb_compile.reference import map_and_record_reference
 from eplb_compile.selection import Lowering, select_lowering
+from eplb_compile.workloads import eplb_placement, zipf_popularity
 
 # Even layers use a backend with exact counts, odd ones one without, so the
 # demo shows the selector taking both branches.
@@ -50,19 +51,6 @@ class DemoConfig:
         return self.num_physical // self.ep_size
 
 
-def make_placement(cfg: DemoConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random EPLB placement: every logical expert once, the hottest replicated."""
-    perm = torch.randperm(cfg.num_physical, generator=generator)
-    replica_of = list(range(cfg.num_logical)) + [j % cfg.num_logical for j in range(cfg.num_redundant)]
-    slots = max(replica_of.count(e) for e in range(cfg.num_logical))
-    l2p = torch.full((cfg.num_logical, slots), -1, dtype=torch.int64)
-    count = torch.zeros(cfg.num_logical, dtype=torch.int64)
-    for slot, logical in enumerate(replica_of):
-        l2p[logical, count[logical]] = perm[slot]
-        count[logical] += 1
-    return l2p, count
-
-
 class ToyMoELayer(nn.Module):
     """One MoE layer over a simulated EP group, recording through both lowerings.
 
@@ -75,15 +63,16 @@ class ToyMoELayer(nn.Module):
     def __init__(self, cfg: DemoConfig, g: torch.Generator):
         super().__init__()
         self.cfg = cfg
-        # Zipf prior over logical experts, shuffled per layer: skewed routing.
-        zipf = -cfg.zipf_s * torch.log(torch.arange(1, cfg.num_logical + 1, dtype=torch.float32))
         self.router = nn.Parameter(torch.randn(cfg.hidden, cfg.num_logical, generator=g) * 0.3)
         self.expert_scale = nn.Parameter(torch.randn(cfg.num_physical, generator=g))
         self.mix = nn.Parameter(torch.randn(cfg.hidden, cfg.hidden, generator=g) / math.sqrt(cfg.hidden))
-        self.register_buffer("router_bias", zipf[torch.randperm(cfg.num_logical, generator=g)])
-        l2p, replica_count = make_placement(cfg, g)
-        self.register_buffer("logical_to_physical_map", l2p)
-        self.register_buffer("logical_replica_count", replica_count)
+        # A Zipf prior over logical experts, hot set shuffled per layer, skews
+        # the routing; EPLB's placement replicates the experts it makes hot.
+        prior = zipf_popularity(cfg.num_logical, alpha=cfg.zipf_s, order=torch.randperm(cfg.num_logical, generator=g))
+        self.register_buffer("router_bias", prior.log().float())
+        placement = eplb_placement(cfg.num_logical, cfg.num_redundant, cfg.ep_size, load=prior)
+        self.register_buffer("logical_to_physical_map", placement.logical_to_physical_map)
+        self.register_buffer("logical_replica_count", placement.logical_replica_count)
         # Buffers, not inputs: cudagraph trees treat them as static addresses.
         for lowering in Lowering:
             self.register_buffer(
