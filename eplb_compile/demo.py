@@ -42,6 +42,18 @@ class DemoConfig:
     device: str = "cpu"
     count_path_min_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("layers", "ep_size", "num_logical", "top_k", "hidden", "tokens_per_rank", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DemoConfig.{name} must be an int >= 1, got {value!r}")
+        if self.num_redundant < 0 or self.top_k > self.num_logical:
+            raise ValueError(f"DemoConfig needs num_redundant >= 0 and top_k <= num_logical, got {self}")
+        if self.num_physical % self.ep_size:
+            raise ValueError(f"DemoConfig.ep_size={self.ep_size} must divide the {self.num_physical} physical experts")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"DemoConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
+
     @property
     def num_physical(self) -> int:
         return self.num_logical + self.num_redundant

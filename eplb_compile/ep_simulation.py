@@ -49,6 +49,10 @@ class SimConfig:
         return self.num_logical + self.num_redundant
 
 
+# The run behind the README's example figures (``eplb-compile examples``).
+EXAMPLE_CONFIG = SimConfig(steps=40, gate_off_steps=tuple(range(10, 14)), max_tokens=256, window_size=8)
+
+
 def _generator(cfg: SimConfig, *key) -> torch.Generator:
     # A hash of the key, not seed + rank + step, so nearby keys share no stream.
     digest = hashlib.sha256(repr((cfg.seed, *key)).encode()).digest()
