@@ -28,7 +28,7 @@ import torch.distributed as dist
 from eplb_compile.metrics import balancedness, imbalance_max_over_mean
 from eplb_compile.ops import map_and_record, map_only, record_counts
 from eplb_compile.reference import map_and_record_reference
-from eplb_compile.workloads import Placement, eplb_placement, zipf_popularity, zipf_topk_ids
+from eplb_compile.workloads import Placement, eplb_placement, zipf_topk_ids
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,19 @@ def _popularity_order(cfg: SimConfig, layer: int) -> torch.Tensor:
     return torch.randperm(cfg.num_logical, generator=_generator(cfg, "popularity", layer))
 
 
+def _route_layer(cfg: SimConfig, layer: int, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    return zipf_topk_ids(num_tokens, cfg.top_k, cfg.num_logical, alpha=cfg.zipf_exponent,
+                         order=_popularity_order(cfg, layer), generator=generator, dtype=torch.int32)
+
+
 def placement(cfg: SimConfig, layer: int, ep_size: int) -> Placement:
-    """EPLB's placement of one layer over ``ep_size`` ranks, from its routing popularity."""
-    load = zipf_popularity(cfg.num_logical, alpha=cfg.zipf_exponent, order=_popularity_order(cfg, layer))
+    """EPLB's placement of one layer over ``ep_size`` ranks, from the load it measured.
+
+    The load is a routed sample, not the Zipf weights: with k of few experts
+    drawn without replacement, the hottest expert's share saturates.
+    """
+    sample = _route_layer(cfg, layer, 4096, _generator(cfg, "placement", layer))
+    load = torch.bincount(sample.reshape(-1).long(), minlength=cfg.num_logical)
     return eplb_placement(cfg.num_logical, cfg.num_redundant, ep_size, load=load)
 
 
@@ -80,12 +90,7 @@ def route_step(cfg: SimConfig, rank: int, step: int) -> tuple[torch.Tensor, int]
     g = _generator(cfg, "route", rank, step)
     num_tokens = int(torch.randint(cfg.max_tokens // 2, cfg.max_tokens + 1, (), generator=g))
     num_unpadded = num_tokens - int(torch.randint(0, num_tokens // 4 + 1, (), generator=g))
-    layers = [
-        zipf_topk_ids(num_tokens, cfg.top_k, cfg.num_logical, alpha=cfg.zipf_exponent,
-                      order=_popularity_order(cfg, layer), generator=g, dtype=torch.int32)
-        for layer in range(cfg.num_layers)
-    ]
-    return torch.stack(layers), num_unpadded
+    return torch.stack([_route_layer(cfg, layer, num_tokens, g) for layer in range(cfg.num_layers)]), num_unpadded
 
 
 def dispatch_and_count(physical: torch.Tensor, num_local: int, group=None) -> torch.Tensor:
