@@ -65,21 +65,28 @@ def _plan_crossover() -> Callable[[torch.device | None], int] | None:
     return plan_crossover
 
 
+# Host state read once per trace: under torch.compile the card's crossover is
+# a constant of the graph (Dynamo cannot trace the import or the plan lookup).
+@torch.compiler.assume_constant_result
+def _card_crossover(device: torch.device | None) -> int:
+    plan_crossover = _plan_crossover()
+    return DEFAULT_COUNT_PATH_MIN_TOKENS if plan_crossover is None else plan_crossover(device)
+
+
 def count_path_min_tokens(device: torch.device | None = None) -> int:
     """The crossover in force for ``device``: the environment variable, else the card's plan."""
     if device is not None and not isinstance(device, torch.device):
         raise TypeError(f"device must be a torch.device or None, got {type(device).__name__} {device!r}")
     value = os.environ.get(MIN_TOKENS_ENV, "").strip()
-    if value:
-        try:
-            threshold = int(value)
-        except ValueError:
-            raise ValueError(f"{MIN_TOKENS_ENV} must be a non-negative integer, got {value!r}") from None
-        if threshold < 0:
-            raise ValueError(f"{MIN_TOKENS_ENV} must be a non-negative integer, got {value!r}")
-        return threshold
-    plan_crossover = _plan_crossover()
-    return DEFAULT_COUNT_PATH_MIN_TOKENS if plan_crossover is None else plan_crossover(device)
+    if not value:
+        return _card_crossover(device)
+    try:
+        threshold = int(value)
+    except ValueError:
+        raise ValueError(f"{MIN_TOKENS_ENV} must be a non-negative integer, got {value!r}") from None
+    if threshold < 0:
+        raise ValueError(f"{MIN_TOKENS_ENV} must be a non-negative integer, got {value!r}")
+    return threshold
 
 
 def _deprecated_first_argument(value) -> bool:

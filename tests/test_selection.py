@@ -165,14 +165,32 @@ def test_deprecated_tensor_or_none_first_argument_warns():
                 select_lowering(bad, 300, min_tokens=256)
 
 
-def test_symbolic_token_count_under_compile():
-    """The plugin may choose from ``topk_ids.shape[0]`` while Dynamo traces."""
-
+def _compiled_chooser(**kwargs):
     @torch.compile(backend="eager", fullgraph=True, dynamic=True)
     def choose(ids):
-        if select_lowering(True, ids.shape[0], min_tokens=8).lowering is Lowering.COUNTS:
+        if select_lowering(True, ids.shape[0], device=ids.device, **kwargs).lowering is Lowering.COUNTS:
             return ids + 1
         return ids - 1
 
-    assert choose(torch.zeros(16)).tolist() == [1.0] * 16
-    assert choose(torch.zeros(4)).tolist() == [-1.0] * 4
+    torch._dynamo.reset()
+    return choose
+
+
+@pytest.mark.parametrize("override", ["argument", "environment", "card plan"])
+def test_choosing_under_compile_with_a_symbolic_token_count(override, card_plans, monkeypatch):
+    """Where the router runs inside the compiled graph (vLLM on CPU), the choice is traced."""
+    if override == "environment":
+        monkeypatch.setenv(MIN_TOKENS_ENV, "200")
+    choose = _compiled_chooser(**({"min_tokens": 200} if override == "argument" else {}))
+    assert choose(torch.zeros(300)).tolist() == [1.0] * 300
+    assert choose(torch.zeros(199)).tolist() == [-1.0] * 199
+    assert choose(torch.zeros(200)).tolist() == [1.0] * 200
+    if override == "card plan":
+        assert card_plans and all(device == torch.device("cpu") for device in card_plans)
+
+
+def test_garbage_environment_variable_under_compile_names_the_variable(monkeypatch):
+    monkeypatch.setenv(MIN_TOKENS_ENV, "junk")
+    # torch.compile wraps the ValueError in its own exception; the message survives.
+    with pytest.raises(Exception, match=MIN_TOKENS_ENV):
+        _compiled_chooser()(torch.zeros(4))
