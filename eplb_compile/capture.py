@@ -1,8 +1,10 @@
-"""What the compiler captured for each lowering: the goldens in ``graphs/``.
+"""What the compiler captured for each lowering: the goldens in the repository's ``graphs/``.
 
 For each path we keep three texts: the Dynamo graph, the post-grad graph and a
 normalised summary of Inductor's output code (fused loops against extern
-calls). ``eplb-compile graphs --regenerate`` rewrites them; the tests compare.
+calls). ``eplb-compile graphs --regenerate [--out DIR]`` rewrites them into an
+existing directory (default ``graphs/`` of the working directory, so run it
+from the repository root); ``tests/test_graphs.py`` compares.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from torch._inductor.utils import run_and_get_code
 
 import eplb_compile
 
-GRAPHS_DIR = Path(__file__).resolve().parent.parent / "graphs"
 KINDS = ("dynamo", "post_grad", "output_code")
 
 
@@ -113,8 +114,9 @@ def capture(path: str, device: str = "cpu") -> dict[str, str]:
     }
 
 
-def golden_path(path: str, kind: str, device: str = "cpu") -> Path:
-    return GRAPHS_DIR / f"{path}.{device}.{kind}.txt"
+def golden_name(path: str, kind: str, device: str = "cpu") -> str:
+    """File name of one golden, e.g. ``topk_path.cpu.dynamo.txt``."""
+    return f"{path}.{device}.{kind}.txt"
 
 
 def header() -> str:
@@ -124,10 +126,13 @@ def header() -> str:
 PATHS = ("topk_path", "count_path")
 
 
-def regenerate(device: str = "cpu", emit: Callable[[str], None] = print) -> None:
-    GRAPHS_DIR.mkdir(exist_ok=True)
+def regenerate(out_dir: str | Path, device: str = "cpu", emit: Callable[[str], None] = print) -> None:
+    """Write every golden into ``out_dir``, which must exist."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"goldens directory {out_dir} does not exist; pass an existing directory")
     for path in PATHS:
         for kind, text in capture(path, device).items():
-            target = golden_path(path, kind, device)
+            target = out_dir / golden_name(path, kind, device)
             target.write_text(header() + text)
             emit(f"wrote {target}")

@@ -1,19 +1,92 @@
-"""``eplb-compile``: demo (the main job, CPU by default), graphs, bench, plot."""
+"""``eplb-compile``: demo (the main job, CPU by default), graphs, bench, plot, examples.
+
+A user's mistake is reported on one line of stderr naming the option and what
+it accepts, with exit status 2, before any long work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line per error: the usage text would bury the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_divides(parser, option: str, value: int, total: int, what: str) -> None:
+    if total % value:
+        divisors = ", ".join(str(d) for d in range(1, total + 1) if total % d == 0)
+        parser.error(f"argument {option}: must divide the {what}, one of {divisors}; got {value}")
+
+
+def _check_output_file(parser, option: str, path: Path, suffix: str | None = None) -> None:
+    """Fail now, not after the run, on a file that cannot be written."""
+    if suffix is not None and path.suffix.lower() != suffix:
+        parser.error(f"argument {option}: must be a {suffix} file, got {str(path)!r}")
+    parent = path.parent
+    if not parent.is_dir():
+        parser.error(f"argument {option}: directory {str(parent)!r} does not exist")
+    if path.is_dir():
+        parser.error(f"argument {option}: {str(path)!r} is a directory, expected a file name")
+    if not os.access(parent, os.W_OK):
+        parser.error(f"argument {option}: directory {str(parent)!r} is not writable")
+
+
+def _check_output_dir(parser, option: str, path: Path) -> None:
+    if not path.is_dir():
+        parser.error(f"argument {option}: directory {str(path)!r} does not exist (pass an existing directory)")
+
+
+def _check_matplotlib(parser, option: str) -> None:
+    from eplb_compile.plots import PLOT_EXTRA_HINT
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error(f"{option} needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}")
+
+
+def _check_cuda(parser, device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda requested but no CUDA device is available; use --device cpu")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
-
     from eplb_compile.demo import DemoConfig, format_report, run_demo, verify
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+    parser = args.parser
+    defaults = DemoConfig()
+    _check_divides(parser, "--ep-size", args.ep_size, defaults.num_physical,
+                   f"{defaults.num_physical} physical experts ({defaults.num_logical} logical + "
+                   f"{defaults.num_redundant} redundant)")
+    _check_cuda(parser, args.device)
+    if args.plot:
+        _check_output_file(parser, "--plot", args.plot, ".png")
+        _check_matplotlib(parser, "--plot")
+    if args.save_window:
+        _check_output_file(parser, "--save-window", args.save_window)
     cfg = DemoConfig(
         layers=args.layers,
         ep_size=args.ep_size,
@@ -26,16 +99,13 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(cfg, compile=not args.eager)
     print(format_report(cfg, result))
     if args.plot:
-        from eplb_compile import metrics
-        from eplb_compile.plots import plot_imbalance_over_steps
+        from eplb_compile.plots import imbalance_series, plot_imbalance_over_steps
 
-        series = {
-            name: torch.stack([metrics.imbalance_max_over_mean(step, cfg.ep_size) for step in loads])
-            for name, loads in result.loads.items()
-        }
-        plot_imbalance_over_steps(series, args.plot)
+        plot_imbalance_over_steps(imbalance_series(result.loads, cfg.ep_size), args.plot)
         print(f"wrote {args.plot}")
     if args.save_window:
+        import torch
+
         torch.save(result.loads["topk"], args.save_window)
         print(f"wrote {args.save_window} ([steps, layers, physical] global loads)")
     problems = verify(result)
@@ -50,10 +120,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _graphs(args: argparse.Namespace) -> int:
+    _check_cuda(args.parser, args.device)
+    if args.regenerate:
+        _check_output_dir(args.parser, "--out", args.out)
     from eplb_compile import capture
 
     if args.regenerate:
-        capture.regenerate(args.device)
+        capture.regenerate(args.out, args.device)
         return 0
     for path in capture.PATHS:
         for kind, text in capture.capture(path, args.device).items():
@@ -62,27 +135,92 @@ def _graphs(args: argparse.Namespace) -> int:
     return 0
 
 
+_WINDOW_FILE = ("a saved load window: a torch.save'd integer tensor [layers, physical] or "
+                "[steps, layers, physical], as `eplb-compile demo --save-window FILE.pt` writes")
+
+
+def _read_load_window(parser, path: Path):
+    import torch
+
+    if not path.is_file():
+        parser.error(f"argument load: no such file {str(path)!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not the user's business
+            load = torch.load(path, map_location="cpu", weights_only=True)
+    # A file that is not a tensor archive fails in many ways (pickle, zip,
+    # struct errors); all mean the same to the user. torch's own text would
+    # suggest unsafe loading, so it is not shown.
+    except Exception:  # noqa: BLE001
+        parser.error(f"argument load: {str(path)!r} is not {_WINDOW_FILE}")
+    if not isinstance(load, torch.Tensor) or load.dim() not in (2, 3) or load.dtype.is_floating_point \
+            or load.dtype.is_complex or load.dtype == torch.bool:
+        what = f"{load.dtype} tensor of shape {tuple(load.shape)}" if isinstance(load, torch.Tensor) \
+            else type(load).__name__
+        parser.error(f"argument load: {str(path)!r} holds a {what}, not {_WINDOW_FILE}")
+    return load
+
+
+def _plot(args: argparse.Namespace) -> int:
+    parser = args.parser
+    _check_output_file(parser, "-o/--output", args.output, ".png")
+    _check_matplotlib(parser, "eplb-compile plot")
+    load = _read_load_window(parser, args.load)
+    _check_divides(parser, "--ep-size", args.ep_size, load.shape[-1], f"{load.shape[-1]} physical experts of the load")
+    from eplb_compile.plots import plot_load_heatmap
+
+    print(f"wrote {plot_load_heatmap(load, args.ep_size, args.output)}")
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from eplb_compile.ep_simulation import EXAMPLE_CONFIG as cfg
+
+    parser = args.parser
+    _check_divides(parser, "--ranks", args.ranks, cfg.num_physical, f"{cfg.num_physical} physical experts")
+    _check_output_dir(parser, "--out", args.out)
+    _check_matplotlib(parser, "eplb-compile examples")
+    from eplb_compile.ep_simulation import run_spawned, verify
+    from eplb_compile.plots import write_example_figures
+
+    results = run_spawned(cfg, args.ranks)
+    windows = {name: results[0][f"{name}_windows"] for name in ("topk", "counts")}
+    gate_off = f"{min(cfg.gate_off_steps)}-{max(cfg.gate_off_steps)}"
+    title = f"Window imbalance per layer, {args.ranks} gloo ranks (record gate off at steps {gate_off})"
+    for path in write_example_figures(windows, args.ranks, args.out, title=title):
+        print(f"wrote {path}")
+    failures = verify(cfg, args.ranks, results)
+    if failures:
+        print("MISMATCH between the lowerings and the reference:", *failures, sep="\n  ")
+        return 1
+    print(f"OK: both lowerings equal the reference in all {cfg.steps} steps on {args.ranks} ranks")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eplb-compile", description=__doc__)
+    parser = _Parser(prog="eplb-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    positive, non_negative = _int_at_least(1), _int_at_least(0)
 
     demo = sub.add_parser("demo", help="compile a toy MoE block and record its load through both lowerings")
     demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--ep-size", type=int, default=4)
-    demo.add_argument("--tokens-per-rank", type=int, default=512)
-    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--layers", type=positive, default=4)
+    demo.add_argument("--ep-size", type=positive, default=4, help="EP ranks; must divide the 20 physical experts")
+    demo.add_argument("--tokens-per-rank", type=positive, default=512)
+    demo.add_argument("--steps", type=positive, default=8)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--count-path-min-tokens", type=int, default=None, help="selector crossover override")
+    demo.add_argument("--count-path-min-tokens", type=non_negative, default=None, help="selector crossover override")
     demo.add_argument("--eager", action="store_true", help="skip torch.compile")
-    demo.add_argument("--plot", metavar="FILE.png", help="plot per-layer imbalance over steps for both lowerings")
-    demo.add_argument("--save-window", metavar="FILE.pt", help="torch.save the [steps, layers, physical] loads")
-    demo.set_defaults(func=_demo)
+    demo.add_argument("--plot", type=Path, metavar="FILE.png",
+                      help="plot per-layer imbalance over steps for both lowerings (needs the [plot] extra)")
+    demo.add_argument("--save-window", type=Path, metavar="FILE.pt", help="torch.save the [steps, layers, physical] loads")
+    demo.set_defaults(func=_demo, parser=demo)
 
-    graphs = sub.add_parser("graphs", help="print (or --regenerate) the captured graphs in graphs/")
-    graphs.add_argument("--regenerate", action="store_true")
+    graphs = sub.add_parser("graphs", help="print (or --regenerate) the captured graphs")
+    graphs.add_argument("--regenerate", action="store_true", help="rewrite the goldens in --out")
+    graphs.add_argument("--out", type=Path, default=Path("graphs"), help="existing goldens directory (default: ./graphs)")
     graphs.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    graphs.set_defaults(func=_graphs)
+    graphs.set_defaults(func=_graphs, parser=graphs)
 
     bench = sub.add_parser("bench", help="time the lowerings against vLLM's kernel (needs CUDA)")
     try:
@@ -93,16 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_arguments(bench)
         bench.set_defaults(func=run_bench)
 
-    plot = sub.add_parser("plot", help="draw a layer x rank load heatmap from a torch.save'd load window")
-    from eplb_compile.plots import add_plot_arguments, plot_command
+    plot = sub.add_parser("plot", help="draw a layer x rank load heatmap from a saved load window (needs [plot])")
+    plot.add_argument("load", type=Path, help="torch.save'd int tensor: [layers, physical] or [steps, layers, physical]")
+    plot.add_argument("--ep-size", type=positive, required=True, help="number of EP ranks")
+    plot.add_argument("-o", "--output", type=Path, default=Path("load_heatmap.png"), help="PNG to write")
+    plot.set_defaults(func=_plot, parser=plot)
 
-    add_plot_arguments(plot)
-    plot.set_defaults(func=plot_command)
+    examples = sub.add_parser("examples", help="run the gloo simulation and draw the README's example figures")
+    examples.add_argument("--out", type=Path, default=Path("graphs"), help="existing directory (default: ./graphs)")
+    examples.add_argument("--ranks", type=positive, default=4, help="gloo processes (EP ranks)")
+    examples.set_defaults(func=_examples, parser=examples)
     return parser
 
 
 def _unavailable(command: str, error: Exception) -> int:
-    print(f"error: `eplb-compile {command}` is unavailable: {error}", file=sys.stderr)
+    print(f"eplb-compile {command}: error: unavailable: {error}", file=sys.stderr)
     return 2
 
 

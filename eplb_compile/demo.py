@@ -20,6 +20,7 @@ from eplb_compile import metrics
 from eplb_compile.ops import map_and_record, map_only, record_counts
 from eplb_compile.reference import map_and_record_reference
 from eplb_compile.selection import Lowering, select_lowering
+from eplb_compile.workloads import eplb_placement, zipf_popularity
 
 # Even layers use a backend with exact counts, odd ones one without, so the
 # demo shows the selector taking both branches.
@@ -41,6 +42,18 @@ class DemoConfig:
     device: str = "cpu"
     count_path_min_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("layers", "ep_size", "num_logical", "top_k", "hidden", "tokens_per_rank", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DemoConfig.{name} must be an int >= 1, got {value!r}")
+        if self.num_redundant < 0 or self.top_k > self.num_logical:
+            raise ValueError(f"DemoConfig needs num_redundant >= 0 and top_k <= num_logical, got {self}")
+        if self.num_physical % self.ep_size:
+            raise ValueError(f"DemoConfig.ep_size={self.ep_size} must divide the {self.num_physical} physical experts")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"DemoConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
+
     @property
     def num_physical(self) -> int:
         return self.num_logical + self.num_redundant
@@ -48,19 +61,6 @@ class DemoConfig:
     @property
     def num_local(self) -> int:
         return self.num_physical // self.ep_size
-
-
-def make_placement(cfg: DemoConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random EPLB placement: every logical expert once, the hottest replicated."""
-    perm = torch.randperm(cfg.num_physical, generator=generator)
-    replica_of = list(range(cfg.num_logical)) + [j % cfg.num_logical for j in range(cfg.num_redundant)]
-    slots = max(replica_of.count(e) for e in range(cfg.num_logical))
-    l2p = torch.full((cfg.num_logical, slots), -1, dtype=torch.int64)
-    count = torch.zeros(cfg.num_logical, dtype=torch.int64)
-    for slot, logical in enumerate(replica_of):
-        l2p[logical, count[logical]] = perm[slot]
-        count[logical] += 1
-    return l2p, count
 
 
 class ToyMoELayer(nn.Module):
@@ -75,15 +75,16 @@ class ToyMoELayer(nn.Module):
     def __init__(self, cfg: DemoConfig, g: torch.Generator):
         super().__init__()
         self.cfg = cfg
-        # Zipf prior over logical experts, shuffled per layer: skewed routing.
-        zipf = -cfg.zipf_s * torch.log(torch.arange(1, cfg.num_logical + 1, dtype=torch.float32))
         self.router = nn.Parameter(torch.randn(cfg.hidden, cfg.num_logical, generator=g) * 0.3)
         self.expert_scale = nn.Parameter(torch.randn(cfg.num_physical, generator=g))
         self.mix = nn.Parameter(torch.randn(cfg.hidden, cfg.hidden, generator=g) / math.sqrt(cfg.hidden))
-        self.register_buffer("router_bias", zipf[torch.randperm(cfg.num_logical, generator=g)])
-        l2p, replica_count = make_placement(cfg, g)
-        self.register_buffer("logical_to_physical_map", l2p)
-        self.register_buffer("logical_replica_count", replica_count)
+        # A Zipf prior over logical experts, hot set shuffled per layer, skews
+        # the routing; EPLB's placement replicates the experts it makes hot.
+        prior = zipf_popularity(cfg.num_logical, alpha=cfg.zipf_s, order=torch.randperm(cfg.num_logical, generator=g))
+        self.register_buffer("router_bias", prior.log().float())
+        placement = eplb_placement(cfg.num_logical, cfg.num_redundant, cfg.ep_size, load=prior)
+        self.register_buffer("logical_to_physical_map", placement.logical_to_physical_map)
+        self.register_buffer("logical_replica_count", placement.logical_replica_count)
         # Buffers, not inputs: cudagraph trees treat them as static addresses.
         for lowering in Lowering:
             self.register_buffer(
@@ -175,7 +176,10 @@ def choose_lowerings(cfg: DemoConfig) -> list[tuple[str, Lowering, str]]:
     for layer in range(cfg.layers):
         backend = BACKENDS[layer % len(BACKENDS)]
         # Chosen before dispatch: what matters is whether the backend will count.
-        choice = select_lowering(backend == "deepep_ll", cfg.tokens_per_rank, min_tokens=cfg.count_path_min_tokens)
+        choice = select_lowering(
+            backend == "deepep_ll", cfg.tokens_per_rank, min_tokens=cfg.count_path_min_tokens,
+            device=torch.device(cfg.device),
+        )
         choices.append((backend, choice.lowering, choice.reason))
     return choices
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from eplb_compile.metrics import balancedness, imbalance_max_over_mean
 from eplb_compile.ops import map_and_record, map_only, record_counts
 from eplb_compile.reference import map_and_record_reference
+from eplb_compile.workloads import Placement, eplb_placement, zipf_topk_ids
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class SimConfig:
         return self.num_logical + self.num_redundant
 
 
+# The run behind the README's example figures (``eplb-compile examples``).
+EXAMPLE_CONFIG = SimConfig(steps=40, gate_off_steps=tuple(range(10, 14)), max_tokens=256, window_size=8)
+
+
 def _generator(cfg: SimConfig, *key) -> torch.Generator:
     # A hash of the key, not seed + rank + step, so nearby keys share no stream.
     digest = hashlib.sha256(repr((cfg.seed, *key)).encode()).digest()
@@ -59,24 +64,20 @@ def _popularity_order(cfg: SimConfig, layer: int) -> torch.Tensor:
     return torch.randperm(cfg.num_logical, generator=_generator(cfg, "popularity", layer))
 
 
-def placement(cfg: SimConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EPLB-style placement of one layer: ``(logical_to_physical_map, replica_count)``.
+def _route_layer(cfg: SimConfig, layer: int, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    return zipf_topk_ids(num_tokens, cfg.top_k, cfg.num_logical, alpha=cfg.zipf_exponent,
+                         order=_popularity_order(cfg, layer), generator=generator, dtype=torch.int32)
 
-    Every logical expert gets one physical slot; the redundant slots go to the
-    hottest experts; slots are shuffled so replicas land on different ranks.
-    The map is padded with -1 for experts with fewer replicas than slots.
+
+def placement(cfg: SimConfig, layer: int, ep_size: int) -> Placement:
+    """EPLB's placement of one layer over ``ep_size`` ranks, from the load it measured.
+
+    The load is a routed sample, not the Zipf weights: with k of few experts
+    drawn without replacement, the hottest expert's share saturates.
     """
-    hot = _popularity_order(cfg, layer).tolist()
-    replicas = [1] * cfg.num_logical
-    hottest = hot[: max(1, cfg.num_redundant // 2)]
-    for i in range(cfg.num_redundant):
-        replicas[hottest[i % len(hottest)]] += 1
-    slots = torch.randperm(cfg.num_physical, generator=_generator(cfg, "placement", layer)).tolist()
-    l2p = torch.full((cfg.num_logical, max(replicas)), -1, dtype=torch.int64)
-    for expert, count in enumerate(replicas):
-        l2p[expert, :count] = torch.tensor(slots[:count])
-        slots = slots[count:]
-    return l2p, torch.tensor(replicas, dtype=torch.int64)
+    sample = _route_layer(cfg, layer, 4096, _generator(cfg, "placement", layer))
+    load = torch.bincount(sample.reshape(-1).long(), minlength=cfg.num_logical)
+    return eplb_placement(cfg.num_logical, cfg.num_redundant, ep_size, load=load)
 
 
 def route_step(cfg: SimConfig, rank: int, step: int) -> tuple[torch.Tensor, int]:
@@ -89,15 +90,7 @@ def route_step(cfg: SimConfig, rank: int, step: int) -> tuple[torch.Tensor, int]
     g = _generator(cfg, "route", rank, step)
     num_tokens = int(torch.randint(cfg.max_tokens // 2, cfg.max_tokens + 1, (), generator=g))
     num_unpadded = num_tokens - int(torch.randint(0, num_tokens // 4 + 1, (), generator=g))
-    ranks = torch.arange(1, cfg.num_logical + 1, dtype=torch.float64)
-    zipf = ranks.pow(-cfg.zipf_exponent)
-    layers = []
-    for layer in range(cfg.num_layers):
-        probs = torch.empty_like(zipf).scatter_(0, _popularity_order(cfg, layer), zipf)
-        # k distinct experts per token, as a top-k router picks them.
-        ids = torch.multinomial(probs.expand(num_tokens, -1), cfg.top_k, replacement=False, generator=g)
-        layers.append(ids.to(torch.int32))
-    return torch.stack(layers), num_unpadded
+    return torch.stack([_route_layer(cfg, layer, num_tokens, g) for layer in range(cfg.num_layers)]), num_unpadded
 
 
 def dispatch_and_count(physical: torch.Tensor, num_local: int, group=None) -> torch.Tensor:
@@ -139,7 +132,10 @@ def run_rank(cfg: SimConfig, device: torch.device, group=None) -> dict[str, torc
         raise ValueError(f"{cfg.num_physical} physical experts do not split over {ep_size} ranks")
     num_local = cfg.num_physical // ep_size
     shape = (cfg.num_layers, cfg.num_physical)
-    maps = [tuple(t.to(device) for t in placement(cfg, layer)) for layer in range(cfg.num_layers)]
+    maps = [
+        (p.logical_to_physical_map.to(device), p.logical_replica_count.to(device))
+        for p in (placement(cfg, layer, ep_size) for layer in range(cfg.num_layers))
+    ]
     passes = {name: torch.zeros(shape, dtype=torch.int32, device=device) for name in ("topk", "counts")}
     windows = {name: torch.zeros((cfg.window_size, *shape), dtype=torch.int32, device=device) for name in passes}
     # One device flag, flipped in place, like vLLM's should_record_tensor.
@@ -160,7 +156,7 @@ def run_rank(cfg: SimConfig, device: torch.device, group=None) -> dict[str, torc
                 raise AssertionError(f"rank {rank} step {step} layer {layer}: map_only != map_and_record ids")
             # Padded rows get id -1 and are never dispatched, as vLLM's
             # DeepGEMM mega-MoE path does (torch.where(is_padding, -1, topk_ids)),
-            # so the backend's counts exclude them (DESIGN §2.2, condition 3).
+            # so the backend's counts exclude them.
             physical = torch.where(is_padding[:, None], -1, physical)
             expert_num_tokens = dispatch_and_count(physical, num_local, group)
             record_counts(passes["counts"][layer], expert_num_tokens, rank * num_local, record_enabled)
@@ -188,15 +184,17 @@ def reference_passes(cfg: SimConfig, ep_size: int) -> torch.Tensor:
     sharing no code with the operators or the dispatch.
     """
     out = torch.zeros((cfg.steps, cfg.num_layers, cfg.num_physical), dtype=torch.int64)
-    maps = [placement(cfg, layer) for layer in range(cfg.num_layers)]
+    maps = [placement(cfg, layer, ep_size) for layer in range(cfg.num_layers)]
     empty = torch.zeros(cfg.num_physical, dtype=torch.int32)
     for step in range(cfg.steps):
         if step in cfg.gate_off_steps:
             continue
         for rank in range(ep_size):
             topk_ids, num_unpadded = route_step(cfg, rank, step)
-            for layer, (l2p, replica_count) in enumerate(maps):
-                _, load = map_and_record_reference(topk_ids[layer], l2p, replica_count, empty, True, num_unpadded)
+            for layer, p in enumerate(maps):
+                _, load = map_and_record_reference(
+                    topk_ids[layer], p.logical_to_physical_map, p.logical_replica_count, empty, True, num_unpadded
+                )
                 out[step, layer] += load.to(torch.int64)
     return out
 

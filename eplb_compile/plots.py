@@ -1,18 +1,17 @@
 """PNG figures of expert load: imbalance over steps, and a layer x rank heatmap.
 
-matplotlib is imported inside each function (Agg backend, no display needed)
-so that ``import eplb_compile`` stays cheap.
+matplotlib is an optional dependency (``pip install 'eplb-compile[plot]'``),
+imported inside each function (Agg backend, no display needed), so that
+``import eplb_compile`` stays cheap and a serving install does without it.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from eplb_compile.metrics import balancedness, rank_loads
+from eplb_compile.metrics import balancedness, imbalance_max_over_mean, rank_loads
 
 # Per-lowering line styles: the first is drawn solid and wide, the others
 # dashed with hollow markers on top, so identical curves visibly coincide.
@@ -24,13 +23,27 @@ _STYLES = (
 _MAX_LABELLED_LAYERS = 10
 
 
+PLOT_EXTRA_HINT = "pip install 'eplb-compile[plot]'"
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(f"plotting needs matplotlib: {PLOT_EXTRA_HINT}") from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def imbalance_series(loads: dict[str, torch.Tensor], ep_size: int) -> dict[str, torch.Tensor]:
+    """Per-step, per-layer max/mean imbalance of ``[steps, layers, physical]`` loads."""
+    return {
+        name: torch.stack([imbalance_max_over_mean(step, ep_size) for step in per_step])
+        for name, per_step in loads.items()
+    }
 
 
 def plot_imbalance_over_steps(
@@ -127,62 +140,22 @@ def plot_load_heatmap(
     return path
 
 
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``eplb-compile plot``."""
-    parser.add_argument(
-        "load", type=Path, help="torch.save'd int tensor: [layers, physical] or [steps, layers, physical]"
-    )
-    parser.add_argument("--ep-size", type=int, required=True, help="number of EP ranks")
-    parser.add_argument("-o", "--output", type=Path, default=Path("load_heatmap.png"), help="PNG to write")
+def write_example_figures(
+    windows: dict[str, torch.Tensor], ep_size: int, out_dir: str | Path, *, title: str
+) -> list[Path]:
+    """``example_imbalance.png`` and ``example_heatmap.png`` from each lowering's windows.
 
-
-def plot_command(args: argparse.Namespace) -> int:
-    """``eplb-compile plot``: draw the heatmap of a saved load pass or window."""
-    try:
-        load = torch.load(args.load, map_location="cpu", weights_only=True)
-    # A file that is not a torch.save archive fails in many ways (struct,
-    # pickle, zip errors); all mean the same to the user.
-    except Exception as error:  # noqa: BLE001
-        print(f"eplb-compile plot: cannot read {args.load}: {error}", file=sys.stderr)
-        return 2
-    if not isinstance(load, torch.Tensor):
-        print(f"eplb-compile plot: {args.load} holds a {type(load).__name__}, not a tensor", file=sys.stderr)
-        return 2
-    try:
-        path = plot_load_heatmap(load, args.ep_size, args.output)
-    except ValueError as error:
-        print(f"eplb-compile plot: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-def write_examples(out_dir: str | Path = "graphs", world_size: int = 4, steps: int = 40) -> bool:
-    """Draw ``example_imbalance.png`` and ``example_heatmap.png`` from a gloo run.
-
-    Runs :mod:`eplb_compile.ep_simulation` on ``world_size`` CPU ranks (256
-    tokens per rank, window 8, record gate off at steps 10-13) and plots the
-    all-reduced window of both lowerings. Returns whether they agreed.
+    Args:
+        windows: lowering name -> ``[steps, layers, physical]`` all-reduced
+            window total after each step (as ``ep_simulation.run_rank`` returns).
+        ep_size: EP ranks of the run.
+        out_dir: an existing directory.
+        title: of the imbalance figure.
     """
-    from eplb_compile.ep_simulation import SimConfig, run_spawned, verify
-    from eplb_compile.metrics import imbalance_max_over_mean
-
-    cfg = SimConfig(steps=steps, gate_off_steps=tuple(range(10, 14)), max_tokens=256, window_size=8)
-    results = run_spawned(cfg, world_size)
-    windows = {name: results[0][f"{name}_windows"] for name in ("topk", "counts")}
-    series = {
-        f"{name} path": torch.stack([imbalance_max_over_mean(window, world_size) for window in per_step])
-        for name, per_step in windows.items()
-    }
+    series = imbalance_series({f"{name} path": per_step for name, per_step in windows.items()}, ep_size)
     out_dir = Path(out_dir)
-    plot_imbalance_over_steps(
-        series, out_dir / "example_imbalance.png",
-        title=f"Window imbalance per layer, {world_size} gloo ranks (record gate off at steps 10-13)",
-    )
-    plot_load_heatmap(windows["counts"][-1], world_size, out_dir / "example_heatmap.png")
-    return not verify(cfg, world_size, results)
-
-
-if __name__ == "__main__":
-    # python -m eplb_compile.plots [OUT_DIR]: regenerate graphs/example_*.png.
-    raise SystemExit(0 if write_examples(*sys.argv[1:2]) else 1)
+    last = list(windows.values())[-1][-1]
+    return [
+        plot_imbalance_over_steps(series, out_dir / "example_imbalance.png", title=title),
+        plot_load_heatmap(last, ep_size, out_dir / "example_heatmap.png"),
+    ]

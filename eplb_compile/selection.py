@@ -2,24 +2,30 @@
 
 The count path costs a map-only kernel plus a count kernel; the topk path one
 fused kernel. So exact backend counts are necessary but not sufficient: below
-a measured token count the fused kernel is cheaper. The crossover comes from
-``eplb-compile bench`` (README, Performance) and can be overridden per call or
-with the ``EPLB_COMPILE_COUNT_PATH_MIN_TOKENS`` environment variable.
+a measured token count (the crossover) the fused kernel is cheaper. Every rule
+lives in :func:`select_lowering`, which returns the choice with its reason.
+
+The crossover, first match wins: the ``min_tokens`` argument; the
+``EPLB_COMPILE_COUNT_PATH_MIN_TOKENS`` environment variable (empty means
+unset); the measured kernel plan of the device's card
+(``eplb_compile.kernels.plans``); :data:`DEFAULT_COUNT_PATH_MIN_TOKENS`.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-# Tokens per rank at or above which the count path wins, measured by
-# `eplb-compile bench` (see README, Performance). On an H100 the fused topk
-# kernel stayed faster than map-only + count kernel at every measured size up
-# to 32768 tokens/rank, so the default lies past that range. Re-measure on
-# other cards and kernels; override with the environment variable.
+# Tokens per rank at or above which the count path wins, when no kernel plan
+# for the card says otherwise. On an H100 the fused topk kernel stayed faster
+# than map-only + count kernel at every measured size up to 32768 tokens/rank,
+# so the default lies past that range.
 DEFAULT_COUNT_PATH_MIN_TOKENS = 65536
 MIN_TOKENS_ENV = "EPLB_COMPILE_COUNT_PATH_MIN_TOKENS"
 
@@ -37,11 +43,43 @@ class LoweringChoice:
     reason: str
 
 
-def count_path_min_tokens() -> int:
-    """The crossover in force: the environment variable, else the default."""
-    value = os.environ.get(MIN_TOKENS_ENV)
-    if value is None:
-        return DEFAULT_COUNT_PATH_MIN_TOKENS
+def _is_int(value) -> bool:
+    # bool is an int subclass, but True tokens is a wiring mistake, not a size.
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value) -> None:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
+
+
+@functools.lru_cache(maxsize=1)
+def _plan_crossover() -> Callable[[torch.device | None], int] | None:
+    """The per-card crossover of the kernel plans, or None in a build without them."""
+    try:
+        from eplb_compile.kernels.plans import count_path_min_tokens as plan_crossover
+    except ModuleNotFoundError:
+        return None
+    return plan_crossover
+
+
+# Host state read once per trace: under torch.compile the card's crossover is
+# a constant of the graph (Dynamo cannot trace the import or the plan lookup).
+@torch.compiler.assume_constant_result
+def _card_crossover(device: torch.device | None) -> int:
+    plan_crossover = _plan_crossover()
+    return DEFAULT_COUNT_PATH_MIN_TOKENS if plan_crossover is None else plan_crossover(device)
+
+
+def count_path_min_tokens(device: torch.device | None = None) -> int:
+    """The crossover in force for ``device``: the environment variable, else the card's plan."""
+    if device is not None and not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device or None, got {type(device).__name__} {device!r}")
+    value = os.environ.get(MIN_TOKENS_ENV, "").strip()
+    if not value:
+        return _card_crossover(device)
     try:
         threshold = int(value)
     except ValueError:
@@ -51,23 +89,70 @@ def count_path_min_tokens() -> int:
     return threshold
 
 
+def _deprecated_first_argument(value) -> bool:
+    """The old first argument, the backend's ``expert_num_tokens`` tensor or None.
+
+    Kept for one release because the README showed it; the tensor's data was
+    never read, so only its metadata is checked.
+    """
+    warnings.warn(
+        "select_lowering(expert_num_tokens, ...) is deprecated: pass has_exact_counts=True/False "
+        "(whether the backend reports exact per-expert counts)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if value is None:
+        return False
+    dtype = value.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"has_exact_counts given as the deprecated expert_num_tokens tensor must be integer, got {dtype}")
+    if value.dim() != 1 or value.numel() == 0:
+        raise ValueError(
+            "has_exact_counts given as the deprecated expert_num_tokens tensor must be non-empty and 1-D, "
+            f"got shape {tuple(value.shape)}"
+        )
+    return True
+
+
 def select_lowering(
-    expert_num_tokens: torch.Tensor | bool | None, num_tokens: int, *, min_tokens: int | None = None
+    has_exact_counts: bool,
+    num_tokens: int,
+    *,
+    has_padding_mask: bool = True,
+    min_tokens: int | None = None,
+    device: torch.device | None = None,
 ) -> LoweringChoice:
-    """Pick the lowering for a layer from what is known at launch.
+    """Pick the lowering for a layer from what is known at launch (no device sync).
 
     Args:
-        expert_num_tokens: the prepare/finalize backend's exact, unaligned
-            per-local-physical-expert counts, or None when it has none. A
-            router that must choose before ``prepare`` runs passes True
-            ("this backend will provide them") or False/None.
-        num_tokens: tokens on this rank in this forward (a shape, never a
-            device value, so choosing costs no sync).
-        min_tokens: crossover override; defaults to :func:`count_path_min_tokens`.
+        has_exact_counts: whether the prepare/finalize backend will report the
+            exact, unaligned number of (token, k) pairs per local physical expert.
+        num_tokens: tokens on this rank in this forward (a shape). To keep all
+            EP ranks on one lowering, pass a count every rank agrees on.
+        has_padding_mask: whether padded rows can be masked to -1 before
+            dispatch. Without a mask they would reach the backend's counts.
+        min_tokens: crossover override; see the module docstring for the default.
+        device: the layer's device, whose card's measured crossover applies.
     """
-    if expert_num_tokens is None or expert_num_tokens is False:
+    if isinstance(has_exact_counts, torch.Tensor) or has_exact_counts is None:
+        has_exact_counts = _deprecated_first_argument(has_exact_counts)
+    if not isinstance(has_exact_counts, bool):
+        raise TypeError(
+            f"has_exact_counts must be a bool, got {type(has_exact_counts).__name__} {has_exact_counts!r}"
+        )
+    if not isinstance(has_padding_mask, bool):
+        raise TypeError(
+            f"has_padding_mask must be a bool, got {type(has_padding_mask).__name__} {has_padding_mask!r}"
+        )
+    _check_count("num_tokens", num_tokens)
+    if min_tokens is not None:
+        _check_count("min_tokens", min_tokens)
+    threshold = count_path_min_tokens(device) if min_tokens is None else min_tokens
+
+    if not has_exact_counts:
         return LoweringChoice(Lowering.TOPK, "backend provides no exact per-expert counts")
-    threshold = count_path_min_tokens() if min_tokens is None else min_tokens
+    if not has_padding_mask:
+        return LoweringChoice(Lowering.TOPK, "no padding mask: padded rows would reach the backend's counts")
     if torch.compiler.is_compiling():
         return _select_while_compiling(threshold)
     if num_tokens < threshold:
@@ -82,10 +167,11 @@ def select_lowering(
 def _select_while_compiling(threshold: int) -> LoweringChoice:
     """Under torch.compile: one choice per graph, never from the token count.
 
-    Comparing a dynamic token count with the crossover would guard on it, and
-    vLLM's compiled mode drops guards, so one traced choice serves every size
-    (and every EP rank must make the same one). So the count path is taken
-    only when the crossover is 0, which every size meets.
+    Comparing a dynamic token count with the crossover would guard on it (or
+    specialise it), and vLLM's compiled mode drops guards, so one traced
+    choice serves every size, and every EP rank must make the same one. So a
+    compiled graph takes the count path only when the crossover is 0, which
+    every size meets.
     """
     if threshold == 0:
         return LoweringChoice(Lowering.COUNTS, "exact backend counts and crossover 0 (compiled graph)")

@@ -1,5 +1,6 @@
 """The CLI's main job: both lowerings agree with the reference, compiled."""
 
+import pytest
 import torch
 
 from eplb_compile.cli import main
@@ -40,3 +41,14 @@ def test_cli_demo_eager_with_plot_and_window(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.load(window).shape == (3, 4, 20)
     assert main(["plot", str(window), "--ep-size", "4", "--output", str(tmp_path / "heat.png")]) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(layers=0), "layers must be an int >= 1"), (dict(steps=-1), "steps must be an int >= 1"),
+     (dict(tokens_per_rank=True), "tokens_per_rank must be an int"), (dict(ep_size=3), "ep_size=3 must divide the 20"),
+     (dict(top_k=17), "top_k <= num_logical"), (dict(device="tpu"), "device must be")],
+)
+def test_config_refuses_what_cannot_run(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**kwargs)

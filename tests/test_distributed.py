@@ -68,11 +68,13 @@ def test_logical_totals_equal_unpadded_gated_tokens(spawned):
     final_windows = results[0]["topk_windows"][-1]
     window_steps = range(CFG.steps - CFG.window_size, CFG.steps)
     for layer in range(CFG.num_layers):
-        l2p, replica_count = placement(CFG, layer)
+        p = placement(CFG, layer, world_size)
+        l2p, replica_count = p.logical_to_physical_map, p.logical_replica_count
         physical_to_logical = torch.full((CFG.num_physical,), -1, dtype=torch.int64)
         for expert in range(CFG.num_logical):
             physical_to_logical[l2p[expert, : replica_count[expert]]] = expert
         assert (physical_to_logical >= 0).all()
+        assert torch.equal(physical_to_logical, p.physical_to_logical_map)
         expected = torch.zeros(CFG.num_logical, dtype=torch.int64)
         for step in window_steps:
             if step in CFG.gate_off_steps:
@@ -105,7 +107,8 @@ def test_gate_padding_and_replicas_matter(spawned):
             topk_ids, num_unpadded = route_step(CFG, rank, step)
             padded_rows += topk_ids.shape[1] - num_unpadded
             for layer in range(CFG.num_layers):
-                l2p, replica_count = placement(CFG, layer)
+                p = placement(CFG, layer, world_size)
+                l2p, replica_count = p.logical_to_physical_map, p.logical_replica_count
                 empty = torch.zeros(CFG.num_physical, dtype=torch.int32)
                 _, load = map_and_record_reference(topk_ids[layer], l2p, replica_count, empty, True)
                 with_padding[step, layer] += load
@@ -113,7 +116,8 @@ def test_gate_padding_and_replicas_matter(spawned):
     assert (with_padding.sum(dim=-1) > passes.sum(dim=-1))[~gated_off].any()
 
     # Some logical expert has several replicas, and more than one of them got tokens.
-    l2p, replica_count = placement(CFG, 0)
+    p = placement(CFG, 0, world_size)
+    l2p, replica_count = p.logical_to_physical_map, p.logical_replica_count
     hot = int(replica_count.argmax())
     assert replica_count[hot] > 1
     assert (passes[:, 0, l2p[hot, : replica_count[hot]]].sum(dim=0) > 0).sum() > 1

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import struct
 
 import pytest
 import torch
 
 from eplb_compile.metrics import balancedness, imbalance_max_over_mean, imbalance_trtllm, rank_loads
-from eplb_compile.plots import add_plot_arguments, plot_command, plot_imbalance_over_steps, plot_load_heatmap
+from eplb_compile.plots import imbalance_series, plot_imbalance_over_steps, plot_load_heatmap, write_example_figures
 
 # Two layers, four physical experts. With ep_size=2, rank 0 owns experts 0-1:
 #   layer 0: ranks get 1+2=3 and 3+4=7 -> mean 5, max 7
@@ -133,28 +132,19 @@ def test_plot_load_heatmap(tmp_path, shape):
     assert width > 200 and height > 150
 
 
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    add_plot_arguments(parser)
-    return parser.parse_args(argv)
+def test_imbalance_series_per_step():
+    loads = {"topk": WINDOW, "counts": WINDOW.flip(0)}
+    series = imbalance_series(loads, 2)
+    assert series["topk"].shape == (2, 2)
+    assert series["topk"].flatten().tolist() == pytest.approx([3 / 2, 5 / 2.5, 4 / 3, 5 / 2.5], rel=1e-15)
+    assert torch.equal(series["counts"], series["topk"].flip(0))
 
 
-def test_plot_command(tmp_path, capsys):
-    window = torch.randint(0, 50, (4, 3, 16), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
-    torch.save(window, tmp_path / "window.pt")
-    out = tmp_path / "heatmap.png"
-    assert plot_command(_parse([str(tmp_path / "window.pt"), "--ep-size", "4", "-o", str(out)])) == 0
-    assert _png_size(out)[0] > 200
-
-    # Errors are reported, with exit status 2 and no PNG.
-    bad = tmp_path / "bad.png"
-    assert plot_command(_parse([str(tmp_path / "window.pt"), "--ep-size", "3", "-o", str(bad)])) == 2
-    torch.save({"load": window}, tmp_path / "dict.pt")
-    assert plot_command(_parse([str(tmp_path / "dict.pt"), "--ep-size", "4", "-o", str(bad)])) == 2
-    (tmp_path / "junk.pt").write_bytes(b"not a tensor")
-    assert plot_command(_parse([str(tmp_path / "junk.pt"), "--ep-size", "4", "-o", str(bad)])) == 2
-    assert not bad.exists()
-    assert capsys.readouterr().err.count("eplb-compile plot:") == 3
+def test_write_example_figures(tmp_path):
+    window = torch.randint(0, 50, (6, 3, 16), dtype=torch.int32, generator=torch.Generator().manual_seed(4))
+    paths = write_example_figures({"topk": window, "counts": window.clone()}, 4, tmp_path, title="t")
+    assert [p.name for p in paths] == ["example_imbalance.png", "example_heatmap.png"]
+    assert all(_png_size(p)[0] > 200 for p in paths)
 
 
 def test_one_hot_rank():

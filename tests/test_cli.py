@@ -1,0 +1,157 @@
+"""The CLI reports a user's mistake on one line naming the option, exit status 2, before any work."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eplb_compile import capture, demo, ep_simulation
+from eplb_compile.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def no_long_work(monkeypatch):
+    """Any error case that reached the run, the capture or the simulation fails loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the long work started before the arguments were checked")
+
+    monkeypatch.setattr(demo, "run_demo", refuse)
+    monkeypatch.setattr(capture, "capture", refuse)
+    monkeypatch.setattr(capture, "regenerate", refuse)
+    monkeypatch.setattr(ep_simulation, "run_spawned", refuse)
+
+
+def _user_error(argv: list[str], capsys) -> str:
+    """Run the CLI; assert exit 2 and one line on stderr; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    return lines[0]
+
+
+def _pickle(tmp_path: Path, name: str, value) -> Path:
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(value))
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv, option, expected",
+    [
+        (["--layers", "0"], "--layers", "integer >= 1, got 0"),
+        (["--layers", "-2"], "--layers", "integer >= 1, got -2"),
+        (["--layers", "many"], "--layers", "integer >= 1, got 'many'"),
+        (["--steps", "0"], "--steps", "integer >= 1, got 0"),
+        (["--steps", "-1"], "--steps", "integer >= 1, got -1"),
+        (["--tokens-per-rank", "0"], "--tokens-per-rank", "integer >= 1, got 0"),
+        (["--tokens-per-rank", "-8"], "--tokens-per-rank", "integer >= 1, got -8"),
+        (["--ep-size", "0"], "--ep-size", "integer >= 1, got 0"),
+        (["--ep-size", "3"], "--ep-size", "one of 1, 2, 4, 5, 10, 20; got 3"),
+        (["--ep-size", "40"], "--ep-size", "one of 1, 2, 4, 5, 10, 20; got 40"),
+        (["--count-path-min-tokens", "-5"], "--count-path-min-tokens", "integer >= 0, got -5"),
+        (["--plot", "missing_dir/imbalance.png"], "--plot", "directory 'missing_dir' does not exist"),
+        (["--plot", "imbalance.jpg"], "--plot", "must be a .png file"),
+        (["--plot", "."], "--plot", "must be a .png file"),
+        (["--save-window", "missing_dir/window.pt"], "--save-window", "directory 'missing_dir' does not exist"),
+    ],
+)
+def test_demo_user_errors(argv, option, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _user_error(["demo", "--eager", *argv], capsys)
+    assert line.startswith(f"eplb-compile demo: error: argument {option}: ") and expected in line
+
+
+def test_an_existing_directory_is_not_a_window_file(capsys, tmp_path):
+    line = _user_error(["demo", "--save-window", str(tmp_path)], capsys)
+    assert "argument --save-window:" in line and "is a directory" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+@pytest.mark.parametrize("command", ["demo", "graphs"])
+def test_cuda_without_a_gpu(command, capsys):
+    line = _user_error([command, "--device", "cuda"], capsys)
+    assert f"eplb-compile {command}: error: argument --device: " in line and "no CUDA device" in line
+
+
+def test_graphs_regenerate_needs_an_existing_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no graphs/ here
+    line = _user_error(["graphs", "--regenerate"], capsys)
+    assert "argument --out: directory 'graphs' does not exist" in line
+    line = _user_error(["graphs", "--regenerate", "--out", str(tmp_path / "nope")], capsys)
+    assert "argument --out:" in line and "nope" in line
+
+
+def test_plot_user_errors(capsys, tmp_path):
+    window = tmp_path / "window.pt"
+    torch.save(torch.zeros(2, 3, 8, dtype=torch.int32), window)
+    cases = [
+        ([str(tmp_path / "none.pt")], "argument load: no such file"),
+        ([str(_pickle(tmp_path, "object.pt", object()))], "is not a saved load window"),
+        ([str(_pickle(tmp_path, "junk.pt", b"junk"))], "is not a saved load window"),
+        ([str(window), "-o", str(tmp_path / "missing" / "heat.png")], "argument -o/--output: directory"),
+        ([str(window), "--ep-size", "3"], "argument --ep-size: must divide the 8 physical experts"),
+        ([str(window), "--ep-size", "0"], "argument --ep-size: must be an integer >= 1"),
+    ]
+    for path, value in (("dict.pt", {"load": torch.zeros(2, 8, dtype=torch.int32)}),
+                        ("float.pt", torch.zeros(2, 8)), ("flat.pt", torch.zeros(8, dtype=torch.int32))):
+        torch.save(value, tmp_path / path)
+        cases.append(([str(tmp_path / path)], "not a saved load window"))
+    for argv, expected in cases:
+        defaults = {"--ep-size": "4", "-o": str(tmp_path / "heat.png")}
+        argv = argv + [word for option, value in defaults.items() if option not in argv for word in (option, value)]
+        line = _user_error(["plot", *argv], capsys)
+        assert line.startswith("eplb-compile plot: error: ") and expected in line, line
+        # The file's expected contents are said; unsafe loading never suggested.
+        assert "weights_only" not in line
+    assert not (tmp_path / "heat.png").exists()
+
+
+def test_plot_draws_a_saved_window(capsys, tmp_path):
+    window = tmp_path / "window.pt"
+    torch.save(torch.randint(0, 50, (4, 3, 16), dtype=torch.int32, generator=torch.Generator().manual_seed(3)), window)
+    heat = tmp_path / "heat.png"
+    assert main(["plot", str(window), "--ep-size", "4", "-o", str(heat)]) == 0
+    assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out == f"wrote {heat}\n"
+
+
+@pytest.mark.parametrize(
+    "argv", [["plot", "window.pt", "--ep-size", "4"], ["demo", "--plot", "imbalance.png"], ["examples"]]
+)
+def test_plotting_without_matplotlib_says_how_to_install_it(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "graphs").mkdir()
+    torch.save(torch.zeros(2, 8, dtype=torch.int32), tmp_path / "window.pt")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    line = _user_error(argv, capsys)
+    assert "needs matplotlib" in line and "pip install 'eplb-compile[plot]'" in line
+
+
+def test_examples_user_errors(capsys, tmp_path):
+    assert "argument --ranks: must divide the 16 physical experts" in _user_error(["examples", "--ranks", "3"], capsys)
+    line = _user_error(["examples", "--out", str(tmp_path / "missing")], capsys)
+    assert "argument --out:" in line and "does not exist" in line
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [(["demo", "--ep-size", "0"], "--ep-size"), (["demo", "--tokens-per-rank", "0"], "--tokens-per-rank")],
+)
+def test_installed_entry_point_prints_no_traceback(argv, option, tmp_path):
+    """Through ``python -m eplb_compile``, as a user runs it."""
+    done = subprocess.run([sys.executable, "-m", "eplb_compile", *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and f"argument {option}:" in done.stderr, done.stderr
