@@ -122,6 +122,23 @@ def forward(model, config, hidden, logits):
     return out
 
 
+def finish_recording(state) -> dict:
+    """Scrape this rank's metrics endpoint (while the server runs), then flush and stop."""
+    import urllib.request
+
+    from eplb_compile.vllm_plugin import eplb_step_hook
+
+    recorder = eplb_step_hook.recorder_of(state)
+    recorder.wait_idle()
+    scraped = None
+    if recorder.exporter is not None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{recorder.exporter.port}/metrics", timeout=30) as reply:
+            scraped = reply.read().decode()
+        recorder.exporter.close()
+    recorder.close()
+    return {"scraped": scraped, "dropped": recorder.dropped}
+
+
 def main(rank: int, port: int, out_file: str, options: dict) -> None:
     from conftest import install_cpu_stand_ins
 
@@ -204,8 +221,11 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
         steps.append(record)
 
     stock_off_recorded = [runner.router.eplb_state.expert_load_view.clone() for runner in model_off.layers]
-    torch.save({"ep_rank": ep_rank, "num_local": model_on.num_local_physical_experts, "steps": steps,
-                "initial_map": initial_map, "stock_off_recorded": stock_off_recorded}, out_file)
+    result = {"ep_rank": ep_rank, "num_local": model_on.num_local_physical_experts, "steps": steps,
+              "initial_map": initial_map, "stock_off_recorded": stock_off_recorded}
+    if options.get("record"):
+        result.update(finish_recording(state))
+    torch.save(result, out_file)
     remove_stand_ins()
 
 

@@ -35,8 +35,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_ranks(tmp_path, options: str = "{}", world_size: int = 2) -> list[dict]:
-    """Run the worker on every rank; each rank's saved results."""
+def run_ranks(tmp_path, options: str = "{}", world_size: int = 2) -> tuple[list[dict], list[str]]:
+    """Run the worker on every rank; each rank's saved results and its output (stdout + stderr)."""
     port, worker = free_port(), os.path.join(os.path.dirname(__file__), "eplb_loop_worker.py")
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     outs = [tmp_path / f"rank{rank}.pt" for rank in range(world_size)]
@@ -45,15 +45,17 @@ def run_ranks(tmp_path, options: str = "{}", world_size: int = 2) -> list[dict]:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank, out in enumerate(outs)
     ]
+    logs = []
     for proc in procs:
-        _, stderr = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stderr[-4000:]
-    return [torch.load(out) for out in outs]
+        logs.append(stdout + stderr)
+    return [torch.load(out) for out in outs], logs
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(tmp_path_factory.mktemp("eplb_loop"))
+    return run_ranks(tmp_path_factory.mktemp("eplb_loop"))[0]
 
 
 def logical_to_physical(physical_to_logical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
