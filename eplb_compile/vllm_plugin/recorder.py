@@ -35,6 +35,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,6 +44,7 @@ FORMAT_NAME = "eplb_compile.recording"
 FORMAT_VERSION = 1
 HEADER_KEY = "eplb_compile"
 CHUNK_GLOB = "chunk-*.safetensors"
+_POLL_S = 50e-6
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,10 @@ class Recorder:
                 self._warn_once("take", "eplb_compile recorder: dropped a step: %r", error)
 
     def _take(self, slot: _Slot) -> None:
-        if slot.event is not None:
-            slot.event.synchronize()  # this thread waits; the server's stream does not
+        while slot.event is not None and not slot.event.query():
+            # Polled, not synchronize(): this thread waits, the server's streams never do,
+            # and no synchronizing call exists for torch.cuda.set_sync_debug_mode to flag.
+            time.sleep(_POLL_S)
         data = slot.buffer.clone()
         if slot.ring is not None:
             slot.ring[0].put(slot.ring[1])

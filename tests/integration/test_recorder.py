@@ -49,7 +49,7 @@ def two_free_ports() -> int:
 def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recorder")
     port = two_free_ports()
-    section = {"record_dir": str(tmp / "recording"), "flush_every_steps": 2, "ring_steps": 4, "metrics_port": port}
+    section = {"record_dir": str(tmp / "recording"), "flush_every_steps": 2, "ring_steps": 8, "metrics_port": port}
     ranks, _ = run_ranks(tmp, json.dumps({"record": True, "additional_config": {"eplb_compile": section}}))
     return ranks, section["record_dir"]
 
