@@ -13,6 +13,7 @@ the recorder of a real ``record_dir`` behind it. Measured, per step:
 - host time of the stand-in step alone, and wrapped (recorder on): the
   difference is the recorder's host cost;
 - device time of the recorder's copy (CUDA events around ``on_pass``);
+- the exporter is fed by the writer thread, as in a server;
 - ``torch.cuda.set_sync_debug_mode("error")`` around every forward (a
   routing + ``eplb_compile.map_and_record`` on the pass) and the wrapped
   step: any synchronizing call raises. The writer thread is running then
@@ -100,15 +101,19 @@ def main() -> int:
         print("SKIP: no CUDA device")
         return 0
     from eplb_compile.vllm_plugin.eplb_step_hook import _wrap_step
+    from eplb_compile.vllm_plugin.exporter import Exporter
     from eplb_compile.vllm_plugin.recorder import ModelInfo, Recorder
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     record_dir = tempfile.mkdtemp(prefix="recorder_cost_")
     state = StandInEplbState(args.layers, args.physical, 8, device)
+    exporter = Exporter(host="127.0.0.1", port=0, ep_size=8)  # the writer feeds it too, as in a server
     recorder = Recorder(record_dir=record_dir, flush_every_steps=100, ring_steps=16, ep_rank=0, ep_size=8,
-                        versions={"vllm_version": "none", "eplb_compile_version": "dev"})
-    recorder.add_model(ModelInfo("cost", [f"layers.{i}" for i in range(args.layers)], 256, args.physical, 8))
+                        versions={"vllm_version": "none", "eplb_compile_version": "dev"}, exporter=exporter)
+    info = ModelInfo("cost", [f"layers.{i}" for i in range(args.layers)], 256, args.physical, 8)
+    recorder.add_model(info)
+    exporter.add_model(info)
     recorder.on_map(0, -1, state.model_states["model"].physical_to_logical_map)
     state._eplb_compile_recorder = recorder
     wrapped = _wrap_step(StandInEplbState.step)
@@ -143,6 +148,7 @@ def main() -> int:
                 events[0][1].synchronize()
                 device_ms[kind].append(events[0][0].elapsed_time(events[0][1]))
     recorder.close()
+    exporter.close()
 
     from eplb_compile.report import concat_chunks, read_chunk
 
