@@ -12,7 +12,7 @@ the recorder of a real ``record_dir`` behind it. Measured, per step:
 
 - host time of the stand-in step alone, and wrapped (recorder on): the
   difference is the recorder's host cost;
-- device time of the recorder's copy (CUDA events around ``on_pass``);
+- device time of the step, recorder off and on (CUDA events around it);
 - the exporter is fed by the writer thread, as in a server;
 - ``torch.cuda.set_sync_debug_mode("error")`` around every forward (a
   routing + ``eplb_compile.map_and_record`` on the pass) and the wrapped
