@@ -1,0 +1,239 @@
+"""Record EPLB's per-step expert load to disk, off the forward path.
+
+At an EPLB step whose pass goes into vLLM's window, :meth:`Recorder.on_pass`
+starts an asynchronous device-to-host copy of ``expert_load_pass``
+``[layers, physical]`` into a free slot of a host ring (pinned when CUDA is
+available) and records a CUDA event after it; that is all the step pays. A
+background thread waits on the event, takes the numbers out of the slot, feeds
+the exporter, and every ``flush_every_steps`` recorded steps writes one file.
+:meth:`Recorder.on_map` does the same for ``physical_to_logical_map``
+whenever a rearrangement changes it.
+
+Recording format, version :data:`FORMAT_VERSION`: ``record_dir/rank{r}/``
+holds ``chunk-{n:06d}.safetensors`` files, each written to a temporary name
+and renamed, so a killed server loses at most the steps since the last flush.
+Per model ``m`` (vLLM's main model is 0, a drafter 1):
+
+- ``model{m}.steps`` int64 ``[n]``: EPLB step numbers (counted from 0 on every rank alike);
+- ``model{m}.load`` int32 ``[n, layers, physical]``: this rank's pass at those steps;
+- ``model{m}.map_steps`` int64 ``[k]`` and ``model{m}.maps`` int64 ``[k, layers, physical]``:
+  ``physical_to_logical_map`` as committed at those steps (-1 for the one at
+  start-up); a pass at step s was routed with the last map of a step < s.
+
+The safetensors metadata key :data:`HEADER_KEY` holds a JSON header: format
+name and version, chunk number, EP rank and size, the vLLM and eplb_compile
+versions, and per model its name, layer names, logical and physical expert
+counts and EPLB window size. A full disk or an unwritable folder drops the
+recording with one warning; nothing here ever raises into the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+FORMAT_NAME = "eplb_compile.recording"
+FORMAT_VERSION = 1
+HEADER_KEY = "eplb_compile"
+CHUNK_GLOB = "chunk-*.safetensors"
+_POLL_S = 50e-6
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    layer_names: list[str]
+    num_logical: int
+    num_physical: int
+    window_size: int
+
+
+def rank_dir(record_dir: str, ep_rank: int) -> str:
+    return os.path.join(record_dir, f"rank{ep_rank}")
+
+
+class _Slot:
+    """One host copy in flight: its buffer, the event after the copy, what it is."""
+
+    __slots__ = ("buffer", "event", "kind", "model", "step", "ring")
+
+    def __init__(self, buffer, event, kind, model, step, ring):
+        self.buffer, self.event, self.kind, self.model, self.step, self.ring = buffer, event, kind, model, step, ring
+
+
+class Recorder:
+    """One EP rank's recorder for every model of an ``EplbState``."""
+
+    def __init__(self, *, record_dir: str | None, flush_every_steps: int, ring_steps: int, ep_rank: int,
+                 ep_size: int, versions: dict[str, str], exporter=None, logger: logging.Logger | None = None):
+        self.record_dir, self.flush_every_steps, self.ring_steps = record_dir, flush_every_steps, ring_steps
+        self.ep_rank, self.ep_size, self.versions = ep_rank, ep_size, versions
+        self.exporter = exporter
+        self.models: list[ModelInfo] = []
+        self.step_number = 0  # EPLB steps seen, counted by the step hook
+        self.dropped = 0  # passes lost: ring full, or the folder could not be written
+        self._logger = logger or logging.getLogger(__name__)
+        self._warned: set[str] = set()
+        self._rings: list[tuple[torch.Tensor, queue.SimpleQueue]] = []
+        self._pending: list[dict[str, list]] = []
+        self._recorded_since_flush = 0
+        self._chunk = 0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="eplb_compile-recorder", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- step side
+
+    def add_model(self, info: ModelInfo) -> int:
+        """Allocate this model's ring; returns its index."""
+        pin = torch.cuda.is_available()
+        ring = torch.empty((self.ring_steps, len(info.layer_names), info.num_physical), dtype=torch.int32,
+                           pin_memory=pin)
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for index in range(self.ring_steps):
+            free.put(index)
+        self.models.append(info)
+        self._rings.append((ring, free))
+        self._pending.append({"steps": [], "load": [], "map_steps": [], "maps": []})
+        return len(self.models) - 1
+
+    def on_pass(self, model: int, step: int, expert_load_pass: torch.Tensor) -> None:
+        """Copy one step's pass into the ring; no host sync. Drops it if the ring is full."""
+        ring, free = self._rings[model]
+        try:
+            index = free.get_nowait()
+        except queue.Empty:
+            self.dropped += 1
+            self._warn_once("ring", "eplb_compile recorder: the writer thread fell %d steps behind; "
+                            "dropping passes until it catches up (raise ring_steps)", self.ring_steps)
+            return
+        buffer = ring[index]
+        buffer.copy_(expert_load_pass, non_blocking=True)
+        self._inbox.put(_Slot(buffer, _event_after_copy(expert_load_pass), "load", model, step, (free, index)))
+
+    def on_map(self, model: int, step: int, physical_to_logical_map: torch.Tensor) -> None:
+        """Copy a committed map (after a rearrangement, which synchronizes anyway)."""
+        pin = physical_to_logical_map.is_cuda
+        buffer = torch.empty(physical_to_logical_map.shape, dtype=torch.int64, pin_memory=pin)
+        buffer.copy_(physical_to_logical_map, non_blocking=True)
+        self._inbox.put(_Slot(buffer, _event_after_copy(physical_to_logical_map), "map", model, step, None))
+
+    def close(self) -> None:
+        """Write what is pending and stop the thread (idempotent)."""
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join()
+
+    def wait_idle(self) -> None:
+        """Block until every queued copy has been taken in (for tests and shutdown)."""
+        done = threading.Event()
+        self._inbox.put(done)
+        done.wait()
+
+    # ----------------------------------------------------------------- writer side
+
+    def _run(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                self._flush()
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                self._take(item)
+            except Exception as error:  # never let a bad step kill the thread
+                self._warn_once("take", "eplb_compile recorder: dropped a step: %r", error)
+
+    def _take(self, slot: _Slot) -> None:
+        while slot.event is not None and not slot.event.query():
+            # Polled, not synchronize(): this thread waits, the server's streams never do,
+            # and no synchronizing call exists for torch.cuda.set_sync_debug_mode to flag.
+            time.sleep(_POLL_S)
+        data = slot.buffer.clone()
+        if slot.ring is not None:
+            slot.ring[0].put(slot.ring[1])
+        pending = self._pending[slot.model]
+        if slot.kind == "map":
+            pending["map_steps"].append(slot.step)
+            pending["maps"].append(data)
+            if self.exporter is not None:
+                self.exporter.on_map(slot.model, data)
+            return
+        pending["steps"].append(slot.step)
+        pending["load"].append(data)
+        if self.exporter is not None:
+            self.exporter.on_pass(slot.model, data)
+        self._recorded_since_flush += 1
+        if self._recorded_since_flush >= self.flush_every_steps:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.record_dir is None or not any(p["steps"] or p["map_steps"] for p in self._pending):
+            self._clear()
+            return
+        tensors = {}
+        for model, pending in enumerate(self._pending):
+            info = self.models[model]
+            shape = (len(info.layer_names), info.num_physical)
+            tensors[f"model{model}.steps"] = torch.tensor(pending["steps"], dtype=torch.int64)
+            tensors[f"model{model}.load"] = _stack(pending["load"], shape, torch.int32)
+            tensors[f"model{model}.map_steps"] = torch.tensor(pending["map_steps"], dtype=torch.int64)
+            tensors[f"model{model}.maps"] = _stack(pending["maps"], shape, torch.int64)
+        header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "chunk": self._chunk, "ep_rank": self.ep_rank,
+                  "ep_size": self.ep_size, **self.versions, "models": [asdict(m) for m in self.models]}
+        try:
+            _write_atomically(rank_dir(self.record_dir, self.ep_rank), self._chunk, tensors, header)
+            self._chunk += 1
+        except Exception as error:  # OSError, or safetensors' own error for a full disk
+            self.dropped += sum(len(p["steps"]) for p in self._pending)
+            self._warn_once("write", "eplb_compile recorder: cannot write to %s (%s); recordings are dropped "
+                            "until it can (this warning is not repeated)", self.record_dir, error)
+        self._clear()
+
+    def _clear(self) -> None:
+        for pending in self._pending:
+            for values in pending.values():
+                values.clear()
+        self._recorded_since_flush = 0
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._logger.warning(message, *args)
+
+
+def _event_after_copy(source: torch.Tensor):
+    """A CUDA event after the copy on the current stream; None on CPU (copies are done)."""
+    if not source.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _stack(items: list[torch.Tensor], shape: tuple[int, int], dtype) -> torch.Tensor:
+    return torch.stack(items) if items else torch.zeros((0, *shape), dtype=dtype)
+
+
+def _write_atomically(folder: str, chunk: int, tensors: dict, header: dict) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, f"chunk-{chunk:06d}.safetensors")
+    temporary = final + ".tmp"
+    try:
+        save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header)})
+        os.replace(temporary, final)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
