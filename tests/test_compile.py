@@ -139,7 +139,7 @@ def test_inductor_sees_the_triton_kernels_on_cuda():
 def test_compiled_topk_on_rows_of_a_load_pass(device):
     # vLLM's expert_load_view is a row of expert_load_pass: a view with a
     # storage offset. torch 2.11's Inductor miscompiled a user kernel that
-    # mutates such a view; this pins the workaround in ops.py.
+    # mutates such a view; this pins the workaround in ops/_library.py.
     ranks, tokens, k = 4, 96, 2
     case = make_case(9, tokens, k, 16, 2, 20, torch.int64, contiguous=True, num_unpadded=None, gate=True).to(device)
     ids = torch.randint(0, 16, (ranks, tokens, k), generator=torch.Generator().manual_seed(3)).to(device)

@@ -1,0 +1,25 @@
+"""Which torch releases need which workaround, in one place.
+
+Each function answers from the torch version alone (no probe at import), and
+a GPU test (tests/test_torch_compat.py) checks its answer against what the
+running torch actually does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def user_kernel_mutating_offset_view_is_miscompiled() -> bool:
+    """Whether Inductor miscompiles a user Triton kernel (``wrap_triton``) that
+    mutates a view with a storage offset, e.g. a row of a 2-D buffer.
+
+    Seen on torch 2.11 (reproducer: tests/device/repro_user_kernel_offset_view.py);
+    no upstream fix is known, so every release from 2.11 on is assumed affected
+    until the GPU test shows otherwise.
+    """
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 11)
