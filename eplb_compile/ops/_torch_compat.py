@@ -17,9 +17,12 @@ def user_kernel_mutating_offset_view_is_miscompiled() -> bool:
     """Whether Inductor miscompiles a user Triton kernel (``wrap_triton``) that
     mutates a view with a storage offset, e.g. a row of a 2-D buffer.
 
-    Seen on torch 2.11 (reproducer: tests/device/repro_user_kernel_offset_view.py);
-    no upstream fix is known, so every release from 2.11 on is assumed affected
-    until the GPU test shows otherwise.
+    Seen on torch 2.11 (reproducer: tests/device/repro_user_kernel_offset_view.py).
+    Upstream reports of the same family (a mutated user-kernel argument whose
+    storage offset is resolved against the wrong buffer) are pytorch/pytorch
+    #192219 and #192226; which release carries a fix is not known, so every
+    release from 2.11 on is assumed affected until tests/test_torch_compat.py
+    shows otherwise on the GPU.
     """
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
     return (major, minor) >= (2, 11)
