@@ -62,13 +62,17 @@ def _run(launch, ids, l2p, replica_count, load, record, num_unpadded):
     return out, got_load
 
 
-def _check(launch, seed, tokens, k=8, num_logical=40, slots=4, num_physical=60, id_dtype=torch.int32,
-           rc_dtype=torch.int64, record=True, num_unpadded=None):
-    ids, l2p, replica_count, load = _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, rc_dtype)
+def _assert_exact(launch, ids, l2p, replica_count, load, record, num_unpadded):
     want_ids, want_load = expected_map_and_record(ids, l2p, replica_count, load, record, num_unpadded)
     got_ids, got_load = _run(launch, ids, l2p, replica_count, load, record, num_unpadded)
     assert torch.equal(got_ids.cpu(), want_ids), "physical ids differ from the reference"
     assert torch.equal(got_load.cpu(), want_load), "load differs from the reference"
+
+
+def _check(launch, seed, tokens, k=8, num_logical=40, slots=4, num_physical=60, id_dtype=torch.int32,
+           rc_dtype=torch.int64, record=True, num_unpadded=None):
+    ids, l2p, replica_count, load = _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, rc_dtype)
+    _assert_exact(launch, ids, l2p, replica_count, load, record, num_unpadded)
 
 
 def _strict(name):
@@ -132,10 +136,7 @@ def test_variant_strided_tables(name):
     l2p_t = l2p.t().contiguous().t()  # column-major [40, 6]
     counts = torch.stack([replica_count, replica_count]).t().reshape(-1)[::2]  # stride 2
     assert not l2p_t.is_contiguous() and counts.stride(0) == 2
-    want_ids, want_load = expected_map_and_record(ids, l2p_t, counts, load, True, 250)
-    got_ids, got_load = _run(_strict(name), ids, l2p_t, counts, load, True, 250)
-    assert torch.equal(got_ids.cpu(), want_ids)
-    assert torch.equal(got_load.cpu(), want_load)
+    _assert_exact(_strict(name), ids, l2p_t, counts, load, True, 250)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
@@ -151,11 +152,7 @@ def test_variant_vllm_shaped_map(name):
     for e in range(256):
         for r in range(int(counts[e])):
             l2p[e, r] = physical.pop()
-    l2p, counts = l2p.cuda(), counts.cuda()
-    want_ids, want_load = expected_map_and_record(ids, l2p, counts, load, True, 500)
-    got_ids, got_load = _run(_strict(name), ids, l2p, counts, load, True, 500)
-    assert torch.equal(got_ids.cpu(), want_ids)
-    assert torch.equal(got_load.cpu(), want_load)
+    _assert_exact(_strict(name), ids, l2p.cuda(), counts.cuda(), load, True, 500)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
@@ -168,20 +165,21 @@ def test_variant_empty(name):
 
 
 def _assert_refused_then_chosen_around(name, ids, l2p, replica_count, load):
-    """The variant refuses (ValueError, nothing launched); the chooser picks Triton, which is exact."""
+    """The variant refuses (ValueError, nothing launched); Triton, which the chooser falls to, is exact."""
     with pytest.raises(ValueError):
         _run(_strict(name), ids, l2p, replica_count, load, True, 30)
     call = KernelCall(ids, l2p, replica_count, torch.empty_like(ids), load.clone(), torch.tensor(True, device="cuda"))
     assert not cuda_variants.VARIANTS[name].supports(call)
-    want_ids, want_load = expected_map_and_record(ids, l2p, replica_count, load, True, 30)
-    got_ids, got_load = _run(launch_map, ids, l2p, replica_count, load, True, 30)
-    assert torch.equal(got_ids.cpu(), want_ids) and torch.equal(got_load.cpu(), want_load)
+    _assert_exact(launch_map, ids, l2p, replica_count, load, True, 30)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
 def test_variant_refuses_non_contiguous_ids(name):
     ids, l2p, replica_count, load = _random_inputs(_seed(name), 50, 16, 40, 4, 60, torch.int32, torch.int64)
     _assert_refused_then_chosen_around(name, ids[:, ::2], l2p, replica_count, load)
+    call = KernelCall(ids[:, ::2], l2p, replica_count, torch.empty(50, 8, dtype=ids.dtype, device="cuda"), load,
+                      torch.tensor(True, device="cuda"))
+    assert chooser.choose(call) is launch_map  # no CUDA variant takes strided ids
 
 
 @pytest.mark.parametrize("name", HIST_NAMES)

@@ -19,7 +19,7 @@ from eplb_compile.reference import map_and_record_reference, record_counts_refer
 
 from tests.cases import DEVICES
 from tests.guards import MARGIN as GUARD
-from tests.guards import POISON, guarded, poison_allocator
+from tests.guards import guarded, poison_allocator
 
 NUM_LOGICAL, SLOTS, NUM_PHYSICAL = 5, 3, 12
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

@@ -1,6 +1,9 @@
 """Wiring mistakes fail loudly and at once: every bad input raises an error that
 names the argument and says what was expected, at the eager call and, under
-torch.compile, from the fake at trace time. The checks read metadata only."""
+torch.compile, from the fake at trace time. The checks read metadata only.
+
+Longer than 300 lines: the table of bad inputs keeps each case next to the
+message it must produce, and the harness is the same for all of them."""
 
 from __future__ import annotations
 

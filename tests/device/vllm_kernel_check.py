@@ -25,7 +25,8 @@ never imported. Checks:
    calls ``torch.ops._C`` (vLLM's compiled extension) at import time, so its forward is
    tested on CPU in ``tests/integration`` instead.
 
-Prints a PASS/FAIL table; exits 1 on any failure. With ``--device cpu`` and
+Prints a PASS/FAIL table; exits 1 on any failure. (Longer than 300 lines:
+one standalone script for the GPU machine, where pytest is not assumed.) With ``--device cpu`` and
 ``TRITON_INTERPRET=1`` it checks its own logic on CPU: the fuzz through
 Triton's interpreter, the toy MoE eagerly, no graphs.
 """
