@@ -3,9 +3,9 @@
 Public API::
 
     map_and_record(topk_ids, l2p, replica_count, load, record_enabled, num_unpadded=None)
-    map_only(topk_ids, l2p, replica_count)
+    map_only(topk_ids, l2p, replica_count, num_unpadded=None)
     record_counts(load, counts, start, record_enabled)
-    select_lowering(expert_num_tokens, num_tokens) -> LoweringChoice
+    select_lowering(...) -> LoweringChoice
 """
 
 from eplb_compile.ops import map_and_record, map_only, record_counts

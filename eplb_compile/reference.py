@@ -1,12 +1,16 @@
-"""The plain-Python semantics every implementation is checked against.
+"""The semantics every implementation is checked against, stated twice.
 
-Written element by element, straight from vLLM 0.33.0's
-``_eplb_map_and_record_i32_kernel`` (``fused_moe/router/base_router.py``), so
-that it shares no code with the vectorised CPU lowering in ``ops.py``.
+``map_to_physical_reference`` and friends are plain Python, element by
+element, straight from vLLM 0.33.0's ``_eplb_map_and_record_i32_kernel``
+(``fused_moe/router/base_router.py``). ``expected_map_and_record`` answers
+for inputs of any size: element by element up to ``ELEMENTWISE_LIMIT``
+elements, past it with a NumPy version of the same rules (the tests check the
+two against each other). Neither calls the operators or shares code with them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # floor(2**32 / golden ratio): the Knuth multiplicative hash vLLM uses to pick
@@ -24,8 +28,13 @@ def map_to_physical_reference(
     topk_ids: torch.Tensor,
     logical_to_physical_map: torch.Tensor,
     logical_replica_count: torch.Tensor,
+    num_unpadded_tokens: int | None = None,
 ) -> list[int]:
-    """Physical expert id (as a Python int, -1 if invalid) for each flat slot."""
+    """Physical expert id (as a Python int, -1 if invalid) for each flat slot.
+
+    With ``num_unpadded_tokens`` (map_only's padding), every slot of a row at
+    or past it is -1.
+    """
     num_logical, slots = logical_to_physical_map.shape
     k = topk_ids.shape[1]
     ids = [_as_int32(int(v)) for v in topk_ids.reshape(-1).tolist()]
@@ -33,14 +42,30 @@ def map_to_physical_reference(
     replicas = logical_replica_count.tolist()
     physical = []
     for flat, expert in enumerate(ids):
-        if not 0 <= expert < num_logical:
+        token = flat // k
+        if not 0 <= expert < num_logical or (num_unpadded_tokens is not None and token >= num_unpadded_tokens):
             physical.append(-1)
             continue
-        replica = ((flat // k) * KNUTH_MULTIPLIER & 0xFFFFFFFF) % max(int(replicas[expert]), 1)
+        replica = (token * KNUTH_MULTIPLIER & 0xFFFFFFFF) % max(int(replicas[expert]), 1)
         # Our one deviation from vLLM: a replica index past the map's slots is
         # invalid, where vLLM would read the next row or past the map's end.
         physical.append(int(l2p[expert][replica]) if replica < slots else -1)
     return physical
+
+
+def _ids_like(physical: list[int], topk_ids: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(physical, dtype=torch.int64).to(topk_ids.dtype).reshape(topk_ids.shape)
+
+
+def map_only_reference(
+    topk_ids: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    num_unpadded_tokens: int | None = None,
+) -> torch.Tensor:
+    """map_only's result: the physical ids with the shape and dtype of ``topk_ids``."""
+    physical = map_to_physical_reference(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens)
+    return _ids_like(physical, topk_ids)
 
 
 def map_and_record_reference(
@@ -61,8 +86,7 @@ def map_and_record_reference(
                 continue
             if 0 <= p < len(load):
                 load[p] += 1
-    ids = torch.tensor(physical, dtype=torch.int64).to(topk_ids.dtype).reshape(topk_ids.shape)
-    return ids, torch.tensor(load, dtype=torch.int32)
+    return _ids_like(physical, topk_ids), torch.tensor(load, dtype=torch.int32)
 
 
 def record_counts_reference(
@@ -76,9 +100,41 @@ def record_counts_reference(
     return torch.tensor(load, dtype=torch.int32)
 
 
-# Past this many elements the element-wise reference is slow; callers that
-# check large inputs use the CPU operator, itself checked against it.
+# Past this many elements the element-wise reference is slow and the NumPy one answers.
 ELEMENTWISE_LIMIT = 20_000
+
+
+def map_and_record_numpy(
+    topk_ids: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    expert_load_view: torch.Tensor,
+    record_enabled: bool,
+    num_unpadded_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`map_and_record_reference` in NumPy, for large inputs (CPU tensors)."""
+    num_logical, slots = logical_to_physical_map.shape
+    k = topk_ids.shape[1]
+    raw = topk_ids.reshape(-1).to(torch.int64).numpy()
+    experts = ((raw & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000  # the int32 wrap, in int64
+    tokens = np.arange(raw.size, dtype=np.int64) // k
+    valid = (experts >= 0) & (experts < num_logical)
+    row = np.where(valid, experts, 0)
+    counts = np.maximum(logical_replica_count.to(torch.int64).numpy()[row] if num_logical else 1, 1)
+    # uint64 keeps counts up to 2**63 exact; the hash is below 2**32.
+    replica = ((tokens * KNUTH_MULTIPLIER) & 0xFFFFFFFF).astype(np.uint64) % counts.astype(np.uint64)
+    valid &= replica < slots
+    table = logical_to_physical_map.numpy()
+    physical = np.full(raw.size, -1, dtype=np.int64)
+    physical[valid] = table[row[valid], replica[valid].astype(np.int64)]
+    load = expert_load_view.numpy().astype(np.int64)
+    if record_enabled:
+        counted = (physical >= 0) & (physical < load.size)
+        if num_unpadded_tokens is not None:
+            counted &= np.arange(raw.size) < num_unpadded_tokens * k
+        load += np.bincount(physical[counted], minlength=load.size)[: load.size]
+    ids = torch.from_numpy(physical).to(topk_ids.dtype).reshape(topk_ids.shape)
+    return ids, torch.from_numpy(load.astype(np.int32))
 
 
 def expected_map_and_record(
@@ -89,11 +145,7 @@ def expected_map_and_record(
     record_enabled: bool,
     num_unpadded_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(physical_ids, new_load)`` on the CPU for inputs on any device."""
+    """``(physical_ids, new_load)`` on the CPU for inputs on any device and of any size."""
     cpu = [t.cpu() for t in (topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view)]
-    if topk_ids.numel() <= ELEMENTWISE_LIMIT:
-        return map_and_record_reference(*cpu, record_enabled, num_unpadded_tokens)
-    unpadded = None if num_unpadded_tokens is None else torch.tensor(num_unpadded_tokens, dtype=torch.int32)
-    load = cpu[3].clone()
-    ids = torch.ops.eplb_compile.map_and_record(cpu[0], cpu[1], cpu[2], load, torch.tensor(record_enabled), unpadded)
-    return ids, load
+    implementation = map_and_record_reference if topk_ids.numel() <= ELEMENTWISE_LIMIT else map_and_record_numpy
+    return implementation(*cpu, record_enabled, num_unpadded_tokens)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-POISON = -7777
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -76,9 +75,3 @@ def map_cases(draw, max_tokens: int = 4096) -> MapCase:
         num_unpadded=draw(st.one_of(st.none(), st.integers(0, tokens + 2))),
         gate=draw(st.booleans()),
     )
-
-
-def poison_allocator(device: str, numel: int) -> None:
-    """Leave POISON in freed memory, so an output the op fails to write shows."""
-    scratch = torch.full((max(numel, 1) * 2,), POISON, dtype=torch.int64, device=device)
-    del scratch

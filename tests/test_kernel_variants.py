@@ -1,4 +1,4 @@
-"""Every CUDA variant of the topk path against the element-wise reference.
+"""Every CUDA variant of the topk path against the reference, and the chooser.
 
 GPU-only. Each check draws fresh random inputs (invalid ids, replica counts
 past the map's slots or past 2^32, huge map values), poisons the output, and
@@ -18,17 +18,19 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kerne
 
 if torch.cuda.is_available():
     import eplb_compile.ops  # noqa: F401 - registers torch.ops.eplb_compile
-    from eplb_compile import kernels
-    from eplb_compile.kernels import cuda_histogram
-    from eplb_compile.reference import expected_map_and_record, map_and_record_reference
-    from tests.cases import make_case, poison_allocator
+    from eplb_compile.kernels import chooser, cuda_variants, nvrtc, plans
+    from eplb_compile.kernels.call import KernelCall
+    from eplb_compile.kernels.triton_kernels import launch_map
+    from eplb_compile.reference import expected_map_and_record, map_and_record_reference, map_only_reference
+    from tests.cases import make_case
+    from tests.guards import POISON, poison_allocator
 
-    VARIANT_NAMES = list(cuda_histogram.VARIANTS)
+    VARIANT_NAMES = list(cuda_variants.VARIANTS)
+    HIST_NAMES = [n for n, v in cuda_variants.VARIANTS.items() if v.histogram]
 else:
-    VARIANT_NAMES = []
+    VARIANT_NAMES = HIST_NAMES = []
 
-ID_DTYPES = [torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8]
-POISON = 0x5B
+ID_DTYPES = [torch.int32, torch.int64, torch.int16, torch.int8]
 
 
 def _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, rc_dtype, device="cuda"):
@@ -39,8 +41,6 @@ def _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, 
         # vLLM reads ids as int32: these wrap to 2 and 5, both valid.
         ids[0, 0] = (1 << 32) + 2
         ids[-1, -1] = -(1 << 33) + 5
-    if id_dtype == torch.uint8 and tokens and num_logical > 130:
-        ids[0, -1] = 130  # above int8's range: must be read unsigned
     if num_logical >= 3:
         replica_count[2] = -2  # counts below 1 act as 1
         if rc_dtype == torch.int64:
@@ -52,27 +52,31 @@ def _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, 
 
 
 def _run(launch, ids, l2p, replica_count, load, record, num_unpadded):
+    """``launch(KernelCall)`` on fresh out and load; returns (out, load)."""
     gate = torch.tensor(record, device=ids.device)
     unpadded = None if num_unpadded is None else torch.tensor(num_unpadded, dtype=torch.int32, device=ids.device)
     out = torch.full(ids.shape, POISON, dtype=ids.dtype, device=ids.device)
     got_load = load.clone()
-    launch(ids, l2p, replica_count, got_load, gate, unpadded, out)
+    launch(KernelCall(ids, l2p, replica_count, out, got_load, gate, unpadded))
     torch.cuda.synchronize()
     return out, got_load
 
 
-def _check(launch, seed, tokens, k=8, num_logical=40, slots=4, num_physical=60, id_dtype=torch.int32,
-           rc_dtype=torch.int64, record=True, num_unpadded=None):
-    ids, l2p, replica_count, load = _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, rc_dtype)
+def _assert_exact(launch, ids, l2p, replica_count, load, record, num_unpadded):
     want_ids, want_load = expected_map_and_record(ids, l2p, replica_count, load, record, num_unpadded)
     got_ids, got_load = _run(launch, ids, l2p, replica_count, load, record, num_unpadded)
     assert torch.equal(got_ids.cpu(), want_ids), "physical ids differ from the reference"
     assert torch.equal(got_load.cpu(), want_load), "load differs from the reference"
 
 
+def _check(launch, seed, tokens, k=8, num_logical=40, slots=4, num_physical=60, id_dtype=torch.int32,
+           rc_dtype=torch.int64, record=True, num_unpadded=None):
+    ids, l2p, replica_count, load = _random_inputs(seed, tokens, k, num_logical, slots, num_physical, id_dtype, rc_dtype)
+    _assert_exact(launch, ids, l2p, replica_count, load, record, num_unpadded)
+
+
 def _strict(name):
-    variant = cuda_histogram.VARIANTS[name]
-    return lambda *args: variant(*args, fallback=False)
+    return cuda_variants.VARIANTS[name].launch
 
 
 def _seed(*parts) -> int:
@@ -85,8 +89,7 @@ def _seed(*parts) -> int:
 def test_variant_matches_reference(name, id_dtype):
     for tokens in (1, 3, 37, 700):
         for rc_dtype in (torch.int32, torch.int64):
-            # 200 logical experts: uint8 ids above 127 are valid and must read unsigned.
-            _check(_strict(name), _seed(name, id_dtype, tokens, rc_dtype), tokens, num_logical=200,
+            _check(_strict(name), _seed(name, id_dtype, tokens, rc_dtype), tokens, num_logical=100,
                    id_dtype=id_dtype, rc_dtype=rc_dtype)
 
 
@@ -95,6 +98,20 @@ def test_variant_matches_reference(name, id_dtype):
 @pytest.mark.parametrize("num_unpadded", [None, 0, -1, 5, 40, 10_000])
 def test_variant_gate_and_padding(name, record, num_unpadded):
     _check(_strict(name), _seed(name, record, num_unpadded), 41, record=record, num_unpadded=num_unpadded)
+
+
+@pytest.mark.parametrize("num_unpadded", [None, 0, -1, 5, 40, 10_000])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+def test_direct_map_only_padding(num_unpadded, id_dtype):
+    """The map_only call (no load, no gate): padded rows come back -1, in one kernel."""
+    ids, l2p, replica_count, _ = _random_inputs(_seed(num_unpadded, id_dtype), 41, 8, 40, 4, 60, id_dtype,
+                                                torch.int64)
+    unpadded = None if num_unpadded is None else torch.tensor(num_unpadded, dtype=torch.int32, device="cuda")
+    for launch in (cuda_variants.VARIANTS["direct"].launch, launch_map):
+        out = torch.full(ids.shape, POISON, dtype=ids.dtype, device="cuda")
+        launch(KernelCall(ids, l2p, replica_count, out, num_unpadded=unpadded))
+        want = map_only_reference(ids.cpu(), l2p.cpu(), replica_count.cpu(), num_unpadded)
+        assert torch.equal(out.cpu(), want), launch
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
@@ -106,8 +123,8 @@ def test_variant_other_k(name, k):
 @pytest.mark.parametrize("name", VARIANT_NAMES)
 def test_variant_large_grid_stride(name):
     """More elements than one pass of a capped grid: blocks loop over chunks."""
-    num_sms, _ = cuda_histogram._device_limits(torch.cuda.current_device())
-    tokens = 3 * num_sms * 1024 * cuda_histogram.ELEMENTS_PER_THREAD // 8 + 13
+    num_sms, _ = nvrtc.device_limits(torch.cuda.current_device())
+    tokens = 3 * num_sms * 1024 * 4 // 8 + 13
     _check(_strict(name), _seed(name), tokens, num_logical=256, slots=8, num_physical=288,
            num_unpadded=tokens - 1000)
 
@@ -119,10 +136,7 @@ def test_variant_strided_tables(name):
     l2p_t = l2p.t().contiguous().t()  # column-major [40, 6]
     counts = torch.stack([replica_count, replica_count]).t().reshape(-1)[::2]  # stride 2
     assert not l2p_t.is_contiguous() and counts.stride(0) == 2
-    want_ids, want_load = expected_map_and_record(ids, l2p_t, counts, load, True, 250)
-    got_ids, got_load = _run(_strict(name), ids, l2p_t, counts, load, True, 250)
-    assert torch.equal(got_ids.cpu(), want_ids)
-    assert torch.equal(got_load.cpu(), want_load)
+    _assert_exact(_strict(name), ids, l2p_t, counts, load, True, 250)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
@@ -138,82 +152,44 @@ def test_variant_vllm_shaped_map(name):
     for e in range(256):
         for r in range(int(counts[e])):
             l2p[e, r] = physical.pop()
-    l2p, counts = l2p.cuda(), counts.cuda()
-    want_ids, want_load = expected_map_and_record(ids, l2p, counts, load, True, 500)
-    got_ids, got_load = _run(_strict(name), ids, l2p, counts, load, True, 500)
-    assert torch.equal(got_ids.cpu(), want_ids)
-    assert torch.equal(got_load.cpu(), want_load)
+    _assert_exact(_strict(name), ids, l2p.cuda(), counts.cuda(), load, True, 500)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
 def test_variant_empty(name):
     ids = torch.empty(0, 8, dtype=torch.int32, device="cuda")
-    l2p = torch.zeros(4, 2, dtype=torch.int64, device="cuda")
-    replica_count = torch.ones(4, dtype=torch.int64, device="cuda")
     load = torch.arange(5, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(ids)
-    cuda_histogram.VARIANTS[name](ids, l2p, replica_count, load, torch.tensor(True, device="cuda"), None, out,
-                                  fallback=False)
-    torch.cuda.synchronize()
+    _run(_strict(name), ids, torch.zeros(4, 2, dtype=torch.int64, device="cuda"),
+         torch.ones(4, dtype=torch.int64, device="cuda"), load, True, None)
     assert torch.equal(load.cpu(), torch.arange(5, dtype=torch.int32))
 
 
+def _assert_refused_then_chosen_around(name, ids, l2p, replica_count, load):
+    """The variant refuses (ValueError, nothing launched); Triton, which the chooser falls to, is exact."""
+    with pytest.raises(ValueError):
+        _run(_strict(name), ids, l2p, replica_count, load, True, 30)
+    call = KernelCall(ids, l2p, replica_count, torch.empty_like(ids), load.clone(), torch.tensor(True, device="cuda"))
+    assert not cuda_variants.VARIANTS[name].supports(call)
+    _assert_exact(launch_map, ids, l2p, replica_count, load, True, 30)
+
+
 @pytest.mark.parametrize("name", VARIANT_NAMES)
-def test_variant_non_contiguous_ids_fall_back(name):
+def test_variant_refuses_non_contiguous_ids(name):
     ids, l2p, replica_count, load = _random_inputs(_seed(name), 50, 16, 40, 4, 60, torch.int32, torch.int64)
-    strided = ids[:, ::2]  # [50, 8], not contiguous
-    with pytest.raises(ValueError):
-        _run(_strict(name), strided, l2p, replica_count, load, True, None)
-    want_ids, want_load = expected_map_and_record(strided, l2p, replica_count, load, True, 30)
-    got_ids, got_load = _run(cuda_histogram.VARIANTS[name], strided, l2p, replica_count, load, True, 30)
-    assert torch.equal(got_ids.cpu(), want_ids)
-    assert torch.equal(got_load.cpu(), want_load)
-
-
-def _physical_for_smem(extra_bytes):
-    """A physical-expert count whose histogram leaves ``extra_bytes`` of the opt-in limit (256 logical)."""
-    _, limit = cuda_histogram._device_limits(torch.cuda.current_device())
-    return (limit - 16 * 256 - extra_bytes) // 4
-
-
-SMEM_NAMES = [n for n in VARIANT_NAMES if n in cuda_histogram.SMEM_VARIANTS]
-HIST_NAMES = [n for n in VARIANT_NAMES if n in cuda_histogram.HIST_VARIANTS]
-
-
-@pytest.mark.parametrize("name", SMEM_NAMES)
-def test_smem_drops_map_cache_when_tight(name):
-    """Histogram fits, histogram + map columns do not: the uncached kernel runs, still exact."""
-    num_physical = _physical_for_smem(16)
-    columns = cuda_histogram.SMEM_VARIANTS[name].map_columns
-    _, limit = cuda_histogram._device_limits(torch.cuda.current_device())
-    assert columns == 0 or cuda_histogram.smem_bytes(256, num_physical, columns) > limit
-    _check(_strict(name), _seed(name), 300, num_logical=256, slots=6, num_physical=num_physical)
-
-
-def _assert_refuses_then_falls_back(name: str, num_physical: int) -> None:
-    """Strict, the variant refuses a histogram too large for shared memory; by
-    default the same call runs the Triton kernel and is exact."""
-    ids, l2p, replica_count, load = _random_inputs(_seed(name), 200, 8, 256, 4, num_physical, torch.int32,
-                                                   torch.int64)
-    with pytest.raises(ValueError):
-        _run(_strict(name), ids, l2p, replica_count, load, True, None)
-    want_ids, want_load = expected_map_and_record(ids, l2p, replica_count, load, True, None)
-    got_ids, got_load = _run(cuda_histogram.VARIANTS[name], ids, l2p, replica_count, load, True, None)
-    assert torch.equal(got_ids.cpu(), want_ids)
-    assert torch.equal(got_load.cpu(), want_load)
-
-
-@pytest.mark.parametrize("name", SMEM_NAMES)
-def test_smem_falls_back_when_histogram_does_not_fit(name):
-    _assert_refuses_then_falls_back(name, _physical_for_smem(-64))
+    _assert_refused_then_chosen_around(name, ids[:, ::2], l2p, replica_count, load)
+    call = KernelCall(ids[:, ::2], l2p, replica_count, torch.empty(50, 8, dtype=ids.dtype, device="cuda"), load,
+                      torch.tensor(True, device="cuda"))
+    assert chooser.choose(call) is launch_map  # no CUDA variant takes strided ids
 
 
 @pytest.mark.parametrize("name", HIST_NAMES)
-def test_hist_fits_and_falls_back(name):
-    """The unstaged kernel needs only the histogram in shared memory: exact up to the limit, Triton past it."""
-    _, limit = cuda_histogram._device_limits(torch.cuda.current_device())
+def test_hist_fits_and_refuses(name):
+    """The histogram kernels need num_physical ints of shared memory: exact up to the limit, refused past it."""
+    _, limit = nvrtc.device_limits(torch.cuda.current_device())
     _check(_strict(name), _seed(name, "fits"), 300, num_logical=256, slots=6, num_physical=limit // 4)
-    _assert_refuses_then_falls_back(name, limit // 4 + 1)
+    ids, l2p, replica_count, load = _random_inputs(_seed(name), 200, 8, 256, 4, limit // 4 + 1, torch.int32,
+                                                   torch.int64)
+    _assert_refused_then_chosen_around(name, ids, l2p, replica_count, load)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
@@ -223,12 +199,12 @@ def test_variant_in_cuda_graph_honours_gate_on_replay(name):
     gate = torch.tensor(True, device="cuda")
     unpadded = torch.tensor(200, dtype=torch.int32, device="cuda")
     out = torch.full_like(ids, POISON)
-    variant = cuda_histogram.VARIANTS[name]
-    variant(ids, l2p, replica_count, load.clone(), gate, unpadded, out, fallback=False)  # build before capture
     graph_load = load.clone()
+    call = KernelCall(ids, l2p, replica_count, out, graph_load, gate, unpadded)
+    _strict(name)(call)  # build before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        variant(ids, l2p, replica_count, graph_load, gate, unpadded, out, fallback=False)
+        _strict(name)(call)
     graph_load.copy_(load)
     expected_load = load.cpu()
     for record, tokens in ((True, 200), (False, 200), (True, 57), (True, 0)):
@@ -244,22 +220,44 @@ def test_variant_in_cuda_graph_honours_gate_on_replay(name):
         assert torch.equal(graph_load.cpu(), expected_load)
 
 
-@pytest.mark.parametrize("plan_variant", ["triton", *VARIANT_NAMES])
-def test_dispatcher_through_the_operator(monkeypatch, plan_variant):
-    """The operator's eager CUDA path runs whichever variant TOPK_PLAN names."""
-    monkeypatch.setattr(kernels, "TOPK_PLAN", ((0, "triton"), (64, plan_variant)))
+@pytest.fixture
+def plan_file(tmp_path, monkeypatch):
+    """Write a plan file, point EPLB_COMPILE_KERNEL_PLAN at it, forget cached plans."""
+    def write(rows):
+        path = tmp_path / "plan.json"
+        path.write_text(plans_json(rows))
+        monkeypatch.setenv(plans.PLAN_ENV, str(path))
+        chooser.clear_cache()
 
-    def through_op(ids, l2p, replica_count, load, gate, unpadded, out):
-        poison_allocator("cuda", ids.numel())  # the op's own output starts as poison
-        out.copy_(torch.ops.eplb_compile.map_and_record(ids, l2p, replica_count, load, gate, unpadded))
+    yield write
+    monkeypatch.delenv(plans.PLAN_ENV, raising=False)
+    chooser.clear_cache()
+
+
+def plans_json(rows) -> str:
+    import json
+
+    return json.dumps({"format": 1, "device_name": "test", "topk_plan": rows, "count_path_min_tokens": 1,
+                       "measured_with": {"note": "test"}})
+
+
+@pytest.mark.parametrize("plan_variant", ["triton", *VARIANT_NAMES])
+def test_chooser_through_the_operator(plan_file, plan_variant):
+    """The operator's eager CUDA path runs whichever variant the plan names."""
+    plan_file([[0, "triton"], [64, plan_variant]])
+
+    def through_op(call):
+        assert chooser.variant_name(call) == (plan_variant if call.ids.numel() >= 64 else "triton")
+        poison_allocator("cuda", call.ids.numel())  # the op's own output starts as poison
+        call.out.copy_(torch.ops.eplb_compile.map_and_record(call.ids, call.l2p, call.replica_count, call.load,
+                                                             call.gate, call.num_unpadded))
 
     for tokens in (3, 100):  # 24 elements: Triton; 800: the variant
         _check(through_op, _seed(plan_variant, tokens), tokens, num_unpadded=tokens - 1)
-    assert kernels._cuda_failure is None, f"the CUDA kernels failed to build: {kernels._cuda_failure}"
+    assert chooser.cuda_failure() is None, f"the CUDA kernels failed to build: {chooser.cuda_failure()}"
 
 
-def test_topk_plan_picks_by_numel(monkeypatch):
-    monkeypatch.setattr(kernels, "TOPK_PLAN", ((0, "triton"), (128, "direct"), (4096, "smem")))
-    assert [kernels.topk_variant(n) for n in (0, 127, 128, 4095, 4096, 10**7)] == [
-        "triton", "triton", "direct", "direct", "smem", "smem"
-    ]
+def test_shipped_plan_of_this_card():
+    """The running card's plan loads, and names only live variants."""
+    plan = plans.plan_for_device(torch.device("cuda"))
+    assert {name for _, name in plan.topk_plan} <= {"triton", *VARIANT_NAMES}

@@ -7,19 +7,28 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 import eplb_compile
-from eplb_compile.reference import map_and_record_reference, record_counts_reference
+from eplb_compile.reference import (
+    map_and_record_numpy,
+    map_and_record_reference,
+    map_only_reference,
+    record_counts_reference,
+)
 
-from tests.cases import DEVICES, make_case, map_cases, poison_allocator
+from tests.cases import DEVICES, make_case, map_cases
+from tests.guards import poison_allocator
 
 OPS = torch.ops.eplb_compile
 
 
+def _unpadded(case):
+    return None if case.num_unpadded_tokens is None else int(case.num_unpadded_tokens)
+
+
 def check_map_and_record(case, device):
     case = case.to(device)
+    cpu = (case.topk_ids.cpu(), case.l2p.cpu(), case.replica_count.cpu())
     want_ids, want_load = map_and_record_reference(
-        case.topk_ids.cpu(), case.l2p.cpu(), case.replica_count.cpu(), case.load.cpu(),
-        bool(case.record_enabled),
-        None if case.num_unpadded_tokens is None else int(case.num_unpadded_tokens),
+        *cpu, case.load.cpu(), bool(case.record_enabled), _unpadded(case)
     )
     load = case.load.clone()
     poison_allocator(device, case.topk_ids.numel())
@@ -34,6 +43,11 @@ def check_map_and_record(case, device):
     mapped = eplb_compile.map_only(case.topk_ids, case.l2p, case.replica_count)
     assert torch.equal(mapped.cpu(), want_ids)
 
+    # With padding: rows at or past num_unpadded are -1, the others as above.
+    poison_allocator(device, case.topk_ids.numel())
+    padded = eplb_compile.map_only(case.topk_ids, case.l2p, case.replica_count, case.num_unpadded_tokens)
+    assert torch.equal(padded.cpu(), map_only_reference(*cpu, _unpadded(case)))
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=map_cases())
@@ -42,12 +56,25 @@ def test_map_and_record_matches_reference(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
 def test_every_index_dtype(device, dtype):
     for seed in range(3):
         case = make_case(seed, 333, 7, 4, 3, 9, torch.int64, contiguous=seed % 2 == 0, num_unpadded=300, gate=True)
         case.topk_ids = case.topk_ids.clamp_min(0).to(dtype)
         check_map_and_record(case, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_unpadded", [-3, 0, 1, 5, 6, 7, 2**31 - 1])
+def test_map_only_padding_rows_are_invalid(device, num_unpadded):
+    # num_unpadded <= 0: every row is padding; >= T: none is.
+    case = make_case(7, 6, 3, 4, 2, 8, torch.int32, contiguous=False, num_unpadded=num_unpadded, gate=True).to(device)
+    got = eplb_compile.map_only(case.topk_ids, case.l2p, case.replica_count, case.num_unpadded_tokens)
+    unpadded = eplb_compile.map_only(case.topk_ids, case.l2p, case.replica_count)
+    rows = torch.arange(6, device=device).unsqueeze(1) < num_unpadded
+    assert torch.equal(got, torch.where(rows, unpadded, -1))
+    assert torch.equal(got.cpu(), map_only_reference(case.topk_ids.cpu(), case.l2p.cpu(), case.replica_count.cpu(),
+                                                     num_unpadded))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -103,6 +130,29 @@ def test_zero_tokens(device):
     check_map_and_record(case, device)
 
 
+@given(case=map_cases(max_tokens=512))
+def test_numpy_reference_matches_elementwise(case):
+    # The two statements of the semantics in reference.py, against each other.
+    args = (case.topk_ids, case.l2p, case.replica_count, case.load, bool(case.record_enabled), _unpadded(case))
+    want_ids, want_load = map_and_record_reference(*args)
+    got_ids, got_load = map_and_record_numpy(*args)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_load, want_load)
+
+
+def test_numpy_reference_edges():
+    # int64 ids that wrap as int32, counts past 2**32, an empty map, huge map values.
+    ids = torch.tensor([[2**32 + 1, -(2**32) + 2], [5, -1], [0, 1]])
+    l2p = torch.tensor([[2**40, 1, 2], [3, -1, 4]])
+    counts = torch.tensor([2**33 + 1, -4])
+    load = torch.arange(6, dtype=torch.int32)
+    for unpadded in (None, 0, 2, 9):
+        assert all(torch.equal(a, b) for a, b in zip(map_and_record_numpy(ids, l2p, counts, load, True, unpadded),
+                                                     map_and_record_reference(ids, l2p, counts, load, True, unpadded)))
+    empty = torch.zeros(0, 3, dtype=torch.int64)
+    assert all(torch.equal(a, b) for a, b in zip(map_and_record_numpy(ids, empty, counts[:0], load, True),
+                                                 map_and_record_reference(ids, empty, counts[:0], load, True)))
+
+
 def _opcheck_cases(device):
     case = make_case(3, 37, 3, 4, 3, 10, torch.int32, contiguous=True, num_unpadded=30, gate=True).to(device)
     strided = make_case(4, 21, 5, 3, 2, 7, torch.int64, contiguous=False, num_unpadded=None, gate=False).to(device)
@@ -111,6 +161,7 @@ def _opcheck_cases(device):
         (OPS.map_and_record.default, (case.topk_ids, case.l2p, case.replica_count, case.load, case.record_enabled, case.num_unpadded_tokens)),
         (OPS.map_and_record.default, (strided.topk_ids, strided.l2p, strided.replica_count, strided.load, strided.record_enabled, None)),
         (OPS.map_only.default, (case.topk_ids, case.l2p, case.replica_count)),
+        (OPS.map_only.default, (case.topk_ids, case.l2p, case.replica_count, case.num_unpadded_tokens)),
         (OPS.map_only.default, (strided.topk_ids, strided.l2p, strided.replica_count)),
         (OPS.record_counts.default, (case.load, counts, 3, case.record_enabled)),
         (OPS.record_counts.default, (strided.load, counts, 0, strided.record_enabled)),

@@ -1,6 +1,9 @@
 """Wiring mistakes fail loudly and at once: every bad input raises an error that
 names the argument and says what was expected, at the eager call and, under
-torch.compile, from the fake at trace time. The checks read metadata only."""
+torch.compile, from the fake at trace time. The checks read metadata only.
+
+Longer than 300 lines: the table of bad inputs keeps each case next to the
+message it must produce, and the harness is the same for all of them."""
 
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ OPS = {
         eplb_compile.map_and_record,
         ("topk_ids", "l2p", "replica_count", "load", "record_enabled", "num_unpadded_tokens"),
     ),
-    "map_only": (eplb_compile.map_only, ("topk_ids", "l2p", "replica_count")),
+    "map_only": (eplb_compile.map_only, ("topk_ids", "l2p", "replica_count", "num_unpadded_tokens")),
     "record_counts": (eplb_compile.record_counts, ("load", "counts", "start", "record_enabled")),
 }
 MAP_OPS = ("map_and_record", "map_only")
@@ -77,10 +80,27 @@ BAD_INPUTS = [
     BadInput("ids bool", MAP_OPS, lambda a, d: replace(a, topk_ids=a.topk_ids > 0),
              TypeError, "topk_ids must be an integer tensor, got torch.bool"),
     # uint32 is an integer dtype too, so the message must say which ones are taken.
-    # Fails until ops.py lists them (proposed change in the issue-6 report).
     BadInput("ids uint32", MAP_OPS, lambda a, d: replace(a, topk_ids=a.topk_ids.to(torch.uint32)),
              TypeError, "topk_ids must be an integer tensor, got torch.uint32 "
-             "(expected int8, uint8, int16, int32 or int64)"),
+             "(expected int8, int16, int32 or int64)"),
+    # Narrow ids that cannot hold every physical id would come back wrapped
+    # while the load counts the true expert: refused, from metadata alone.
+    BadInput("ids uint8", MAP_OPS, lambda a, d: replace(a, topk_ids=a.topk_ids.to(torch.uint8)),
+             TypeError, "got torch.uint8 (expected int8, int16, int32 or int64: uint8 cannot hold -1"),
+    BadInput("ids int8, 129 physical experts", ("map_and_record",),
+             lambda a, d: replace(a, topk_ids=a.topk_ids.to(torch.int8),
+                                  load=torch.zeros(129, dtype=torch.int32, device=d)),
+             TypeError, "topk_ids of dtype torch.int8 cannot hold every physical id: expert_load_view has 129 "
+             "physical experts, so ids up to 128; use a wider dtype"),
+    BadInput("ids int16, 32769 physical experts", ("map_and_record",),
+             lambda a, d: replace(a, topk_ids=a.topk_ids.to(torch.int16),
+                                  load=torch.zeros(32769, dtype=torch.int32, device=d)),
+             TypeError, "topk_ids of dtype torch.int16 cannot hold every physical id: expert_load_view has 32769"),
+    BadInput("ids int8, map of 4 x 33 entries", ("map_only",),
+             lambda a, d: replace(a, topk_ids=a.topk_ids.to(torch.int8),
+                                  l2p=torch.zeros(4, 33, dtype=torch.int64, device=d)),
+             TypeError, "topk_ids of dtype torch.int8 cannot hold every physical id: logical_to_physical_map has "
+             "4 x 33 entries, so ids up to 131"),
     BadInput("ids 1-D", MAP_OPS, lambda a, d: replace(a, topk_ids=a.topk_ids.reshape(-1)),
              ValueError, "topk_ids must be 2-D [tokens, k], got shape (12,)"),
     BadInput("ids 3-D", MAP_OPS, lambda a, d: replace(a, topk_ids=a.topk_ids.reshape(2, 3, 2)),
@@ -110,17 +130,33 @@ BAD_INPUTS = [
     BadInput("gate two elements", LOAD_OPS,
              lambda a, d: replace(a, record_enabled=torch.ones(2, dtype=torch.bool, device=d)),
              ValueError, "record_enabled must hold exactly one element, got shape (2,)"),
-    # A Python bool is the likeliest wiring slip; the schema rejects it by name.
+    # Python objects where a tensor or an int belongs: the public wrappers
+    # name the argument (WRAPPER_CHECKED below: under torch.compile these
+    # arrive differently from the tensor checks).
     BadInput("gate Python bool", LOAD_OPS, lambda a, d: replace(a, record_enabled=True),
-             RuntimeError, "Expected a value of type 'Tensor' for argument 'record_enabled'"),
-    BadInput("unpadded int64", ("map_and_record",),
+             TypeError, "record_enabled must be a torch.Tensor, got bool"),
+    BadInput("ids None", MAP_OPS, lambda a, d: replace(a, topk_ids=None),
+             TypeError, "topk_ids must be a torch.Tensor, got NoneType"),
+    BadInput("map a list", MAP_OPS, lambda a, d: replace(a, l2p=a.l2p.tolist()),
+             TypeError, "logical_to_physical_map must be a torch.Tensor, got list"),
+    BadInput("replica count None", MAP_OPS, lambda a, d: replace(a, replica_count=None),
+             TypeError, "logical_replica_count must be a torch.Tensor, got NoneType"),
+    BadInput("load None", LOAD_OPS, lambda a, d: replace(a, load=None),
+             TypeError, "expert_load_view must be a torch.Tensor, got NoneType"),
+    BadInput("counts a list", ("record_counts",), lambda a, d: replace(a, counts=[1, 1, 1]),
+             TypeError, "counts must be a torch.Tensor, got list"),
+    BadInput("start a tensor", ("record_counts",), lambda a, d: replace(a, start=torch.tensor(2)),
+             TypeError, "start must be an int, got Tensor"),
+    BadInput("start a bool", ("record_counts",), lambda a, d: replace(a, start=True),
+             TypeError, "start must be an int, got bool"),
+    BadInput("unpadded Python int", MAP_OPS, lambda a, d: replace(a, num_unpadded_tokens=5),
+             TypeError, "num_unpadded_tokens must be a torch.Tensor or None, got int"),
+    BadInput("unpadded int64", MAP_OPS,
              lambda a, d: replace(a, num_unpadded_tokens=a.num_unpadded_tokens.long()),
              TypeError, "num_unpadded_tokens must be a torch.int32 scalar tensor, got dtype torch.int64"),
-    BadInput("unpadded two elements", ("map_and_record",),
+    BadInput("unpadded two elements", MAP_OPS,
              lambda a, d: replace(a, num_unpadded_tokens=torch.ones(2, dtype=torch.int32, device=d)),
              ValueError, "num_unpadded_tokens must hold exactly one element, got shape (2,)"),
-    BadInput("unpadded Python int", ("map_and_record",), lambda a, d: replace(a, num_unpadded_tokens=5),
-             RuntimeError, "for argument 'num_unpadded_tokens'"),
     BadInput("counts int64", ("record_counts",), lambda a, d: replace(a, counts=a.counts.long()),
              TypeError, "counts must be int32, got torch.int64"),
     BadInput("counts 2-D", ("record_counts",), lambda a, d: replace(a, counts=a.counts.reshape(1, 3)),
@@ -146,7 +182,7 @@ BAD_INPUTS = [
     BadInput("gate on other device", ("map_and_record",),
              lambda a, d: replace(a, record_enabled=a.record_enabled.to(other_device(d))),
              ValueError, "record_enabled is on {other} but topk_ids is on {device}"),
-    BadInput("unpadded on other device", ("map_and_record",),
+    BadInput("unpadded on other device", MAP_OPS,
              lambda a, d: replace(a, num_unpadded_tokens=a.num_unpadded_tokens.to(other_device(d))),
              ValueError, "num_unpadded_tokens is on {other} but topk_ids is on {device}"),
     BadInput("counts on other device", ("record_counts",), lambda a, d: replace(a, counts=a.counts.to(other_device(d))),
@@ -157,6 +193,10 @@ BAD_INPUTS = [
 ]
 
 CASES = [pytest.param(bad, op, id=f"{op}-{bad.name}") for bad in BAD_INPUTS for op in bad.ops]
+# Python-type mistakes, caught by the wrappers' isinstance checks before any op runs.
+WRAPPER_CHECKED = [c for c in CASES if " must be a torch.Tensor" in c.values[0].message
+                   or "start must be an int" in c.values[0].message]
+TENSOR_CHECKED = [c for c in CASES if c not in WRAPPER_CHECKED]
 
 
 def _call_args(op: str, a: Args) -> list:
@@ -209,7 +249,7 @@ def test_eager_call_rejects(device, bad, op):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bad, op", CASES)
+@pytest.mark.parametrize("bad, op", TENSOR_CHECKED)
 def test_compile_rejects_at_trace_time(device, bad, op, fresh_dynamo):
     args = _call_args(op, bad.make(valid_args(device), device))
     backend = CountingBackend()
@@ -221,6 +261,36 @@ def test_compile_rejects_at_trace_time(device, bad, op, fresh_dynamo):
     wrapped = raised.value
     assert f"got {bad.error.__name__}(" in str(wrapped) or isinstance(wrapped.__cause__, bad.error)
     assert backend.calls == 0, "the error must come from tracing, before any graph is built"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad, op", WRAPPER_CHECKED)
+def test_compiled_python_type_errors(device, bad, op, fresh_dynamo):
+    # The wrapper's isinstance check runs inside the traced code. With
+    # fullgraph=True Dynamo reports the raise as an Unsupported "Observed
+    # exception" quoting the TypeError; without it, Dynamo gives the frame
+    # back to Python and the caller gets the TypeError itself.
+    args = _call_args(op, bad.make(valid_args(device), device))
+    backend = CountingBackend()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=re.escape(f"TypeError('{op}: {bad.message}')")):
+        torch.compile(OPS[op][0], backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    with pytest.raises(TypeError, match=re.escape(f"{op}: {bad.message}")):
+        torch.compile(OPS[op][0], backend=backend)(*args)
+    assert backend.calls == 0
+
+
+def test_dynamic_shapes_message_shows_the_values(fresh_dynamo):
+    # With dynamic shapes the failing sizes are symbols; the message prints
+    # the values the caller passed, not the symbols.
+    compiled = torch.compile(eplb_compile.record_counts, backend="eager", fullgraph=True, dynamic=True)
+    load, gate = torch.zeros(8, dtype=torch.int32), torch.tensor(True)
+    compiled(load, torch.ones(3, dtype=torch.int32), 2, gate)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as raised:
+        compiled(load, torch.ones(3, dtype=torch.int32), 6, gate)
+    assert "got ValueError('counts of length 3 starting at start=6 overrun expert_load_view of length 8')" in str(
+        raised.value
+    ), str(raised.value)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,9 +1,10 @@
 """Triton kernels for the EPLB load update, and their launchers.
 
-Kernels only: no ``torch.library`` here. Each launcher takes a ``wrap`` flag:
-under ``torch.compile`` the operators' functional decomposition launches the
-kernel through ``torch.library.wrap_triton`` so that Inductor sees (and can
-schedule) the user kernel instead of an opaque call.
+Kernels only: no ``torch.library`` here. Each launcher takes ``traced``: under
+``torch.compile`` the operators' functional decomposition launches the kernel
+through ``torch.library.wrap_triton``, so that Inductor sees (and schedules)
+the user kernel instead of an opaque call. Traced launches never branch on a
+size, so the token count may be symbolic, even unbacked.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from eplb_compile.kernels.call import KernelCall
 
 MAP_BLOCK_SIZE = 256  # vLLM 0.33.0's choice; the map is latency-bound anyway.
 COUNTS_BLOCK_SIZE = 1024
@@ -52,6 +55,9 @@ def _map_and_record_kernel(
         .to(tl.int64)
     )
     valid = (expert >= 0) & (expert < num_logical)
+    if not RECORD and HAS_NUM_UNPADDED:
+        # map_only with padding: the padded rows' ids are -1, nothing is read for them.
+        valid = valid & (token < tl.load(num_unpadded_ptr))
     safe_expert = tl.where(valid, expert, 0)
     replica_count = tl.load(
         replica_count_ptr + safe_expert * replica_count_stride, mask=mask & valid, other=1
@@ -98,51 +104,36 @@ def _record_counts_kernel(
     tl.store(load_ptr + start + offs, current + counts, mask=in_range & enabled)
 
 
-def _launch(kernel, wrap: bool):
-    return wrap_triton(kernel) if wrap else kernel
-
-
-def launch_map(
-    topk_ids: torch.Tensor,
-    logical_to_physical_map: torch.Tensor,
-    logical_replica_count: torch.Tensor,
-    out: torch.Tensor,
-    expert_load_view: torch.Tensor | None = None,
-    record_enabled: torch.Tensor | None = None,
-    num_unpadded_tokens: torch.Tensor | None = None,
-    *,
-    wrap: bool = False,
-) -> None:
-    """Map ``topk_ids`` into ``out``; record into the load when one is given."""
-    numel = topk_ids.numel()
-    if numel == 0:
-        return
-    record = expert_load_view is not None
+def launch_map(call: KernelCall, *, traced: bool = False) -> None:
+    """Map ``call.ids`` into ``call.out``; count into ``call.load`` when the call has one."""
+    ids, l2p = call.ids, call.l2p
+    numel = ids.numel()
+    if not traced and numel == 0:
+        return  # eager only: a traced launch must not branch on the (maybe unbacked) size
+    record = call.records
     # Unused pointer arguments get a harmless tensor of the right device.
-    load = expert_load_view if record else out
-    enabled = record_enabled if record_enabled is not None else out
-    unpadded = num_unpadded_tokens if num_unpadded_tokens is not None else out
-    grid = (triton.cdiv(numel, MAP_BLOCK_SIZE),)
-    _launch(_map_and_record_kernel, wrap)[grid](
-        topk_ids,
-        logical_replica_count,
-        logical_to_physical_map,
-        out,
+    load = call.load if record else call.out
+    kernel = wrap_triton(_map_and_record_kernel) if traced else _map_and_record_kernel
+    kernel[(triton.cdiv(numel, MAP_BLOCK_SIZE),)](
+        ids,
+        call.replica_count,
+        l2p,
+        call.out,
         load,
-        enabled,
-        unpadded,
-        logical_to_physical_map.shape[0],
-        logical_to_physical_map.shape[1],
+        call.gate if call.gate is not None else call.out,
+        call.num_unpadded if call.num_unpadded is not None else call.out,
+        l2p.shape[0],
+        l2p.shape[1],
         load.shape[0],
         numel,
-        topk_ids.shape[1],
-        topk_ids.stride(0),
-        topk_ids.stride(1),
-        logical_to_physical_map.stride(0),
-        logical_to_physical_map.stride(1),
-        logical_replica_count.stride(0),
+        ids.shape[1],
+        ids.stride(0),
+        ids.stride(1),
+        l2p.stride(0),
+        l2p.stride(1),
+        call.replica_count.stride(0),
         RECORD=record,
-        HAS_NUM_UNPADDED=num_unpadded_tokens is not None,
+        HAS_NUM_UNPADDED=call.num_unpadded is not None,
         BLOCK_SIZE=MAP_BLOCK_SIZE,
     )
 
@@ -153,14 +144,14 @@ def launch_record_counts(
     start: int,
     record_enabled: torch.Tensor,
     *,
-    wrap: bool = False,
+    traced: bool = False,
 ) -> None:
     """``load[start:start+n] += counts`` when the gate is set: one kernel."""
     n = counts.shape[0]
-    if n == 0:
+    if not traced and n == 0:
         return
-    grid = (triton.cdiv(n, COUNTS_BLOCK_SIZE),)
-    _launch(_record_counts_kernel, wrap)[grid](
+    kernel = wrap_triton(_record_counts_kernel) if traced else _record_counts_kernel
+    kernel[(triton.cdiv(n, COUNTS_BLOCK_SIZE),)](
         expert_load_view,
         counts,
         record_enabled,

@@ -38,7 +38,7 @@ done
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|fuzz:|MISMATCH|Error" "$OUT/sanitizer.log" | head -n 20
 
 step "3. ptxas resource usage (nvcc, the same source NVRTC builds; int32 ids, k=8)"
-python3 -c "import torch; from eplb_compile.kernels.cuda_histogram import kernel_source; print(kernel_source(torch.int32, 8))" >/tmp/eplb_kernels.cu
+python3 -c "import torch; from eplb_compile.kernels.cuda_variants import kernel_source; print(kernel_source(torch.int32, 8))" >/tmp/eplb_kernels.cu
 "$NVCC" -arch=sm_90 -cubin -Xptxas -v -o /tmp/eplb_kernels.cubin /tmp/eplb_kernels.cu >"$OUT/ptxas.log" 2>&1
 grep -E "Compiling entry|registers|spill" "$OUT/ptxas.log"
 

@@ -5,9 +5,10 @@ From the repository root on a GPU machine:
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/device/sanitize.py
 
 (or ``sh tests/device/sanitize.sh``). Every case goes through the operators
-(map_and_record, map_only, record_counts: Triton) and, where
-``eplb_compile.kernels.cuda_histogram`` is present, each NVRTC variant with
-``fallback=False``. Results are compared with the element-wise reference; the
+(map_and_record, map_only with and without padding, record_counts) and
+each CUDA variant of ``eplb_compile.kernels.cuda_variants`` directly (a
+variant that does not take a case raises ValueError and is counted as not
+applicable). Results are compared with the element-wise reference; the
 script prints how many cases it tried and exits 1 on any mismatch. Memcheck
 exits 1 on any out-of-bounds or misaligned access.
 
@@ -43,12 +44,18 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, when not installed
 import eplb_compile  # noqa: E402
-from eplb_compile.reference import map_and_record_reference, record_counts_reference  # noqa: E402
+from eplb_compile.kernels.call import KernelCall  # noqa: E402
+from eplb_compile.reference import (  # noqa: E402
+    map_and_record_reference,
+    map_only_reference,
+    record_counts_reference,
+)
+from tests.guards import MARGIN as GUARD  # noqa: E402
+from tests.guards import POISON, guarded  # noqa: E402
 from tests.layouts import ID_LAYOUTS, ids_base_shape, ids_view  # noqa: E402
 
-SENTINEL = -123456789
-GUARD = 64
-ID_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
+# The id dtypes the ops take, each with the most physical ids it holds.
+ID_CAPACITY = {torch.int8: 2**7, torch.int16: 2**15, torch.int32: 2**31, torch.int64: 2**63}
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -99,7 +106,8 @@ def make_case(index: int, rng: random.Random, max_tokens: int) -> Case:
     slots = rng.choice([1, rng.randint(1, 5)])
     # Mostly EP-sized loads; some far past what a shared-memory histogram holds.
     num_physical = rng.choice([1, rng.randint(1, 400), rng.randint(1, 400), rng.randint(30_000, 70_000)])
-    id_dtype = rng.choice(ID_DTYPES)
+    # A dtype that holds every physical id: of the load (map_and_record) and of the map (map_only).
+    id_dtype = rng.choice([d for d, cap in ID_CAPACITY.items() if max(num_physical, num_logical * slots) <= cap])
     id_layout = rng.choice(("contiguous",) + ID_LAYOUTS)  # contiguous twice as often
     shape = ids_base_shape(id_layout, tokens, k)
 
@@ -140,71 +148,54 @@ def make_case(index: int, rng: random.Random, max_tokens: int) -> Case:
     )
 
 
-def place(t: torch.Tensor, device: str, guarded: bool, fill) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` on the device: alone, or in the middle of a buffer filled with ``fill``."""
-    if not guarded:
-        view = t.to(device, copy=True)  # a copy on the CPU too: the load is mutated
-        return view, view
-    if t.dim() == 1:
-        buffer = torch.full((t.numel() + 2 * GUARD,), fill, dtype=t.dtype, device=device)
-        view = buffer[GUARD : GUARD + t.numel()]
-    else:  # a map: rows above and below, columns past the slots
-        rows, cols = t.shape
-        buffer = torch.full((rows + 2 * GUARD, cols + GUARD), fill, dtype=t.dtype, device=device)
-        view = buffer[GUARD : GUARD + rows, :cols]
-    view.copy_(t)
-    return buffer, view
-
-
-def guards_intact(buffer: torch.Tensor, view: torch.Tensor) -> bool:
-    if buffer is view:
-        return True
-    flat = buffer.reshape(-1)
-    start = view.storage_offset()
-    return bool((flat[:start] == SENTINEL).all()) and bool((flat[start + view.numel() :] == SENTINEL).all())
-
-
-def poison_for(want: torch.Tensor) -> int:
-    """An id the right answer never holds, so an unwritten output shows."""
-    present = set(want.reshape(-1).tolist())
-    return next(v for v in (-7, 77, -100, 123, -29) if v not in present)
-
-
 class Inputs:
     """One case's tensors on the device (fresh for each kernel)."""
 
     def __init__(self, case: Case, device: str):
         self.ids = ids_view(case.ids_base.to(device), case.id_layout, case.tokens, case.k)
-        # Decoys: physical id 0 and replica count 1, so a stray read counts expert 0.
-        _, self.l2p = place(case.l2p, device, case.guarded, 0)
-        _, self.replica_count = place(case.replica_count, device, case.guarded, 1)
-        self.load_buffer, self.load = place(case.load, device, case.guarded, SENTINEL)
+        # Decoys: physical id 0 and replica count 1, so a stray read counts expert 0;
+        # POISON around the load, so a stray write shows.
+        self.l2p = self._place(case.l2p, device, case.guarded, 0).view
+        self.replica_count = self._place(case.replica_count, device, case.guarded, 1).view
+        self.load_guard = self._place(case.load, device, case.guarded, POISON)
+        self.load = self.load_guard.view
         self.gate = torch.tensor(case.gate, device=device)
         self.unpadded = (
             None if case.num_unpadded is None else torch.tensor(case.num_unpadded, dtype=torch.int32, device=device)
         )
 
+    @staticmethod
+    def _place(t: torch.Tensor, device: str, guarded_view: bool, fill: int):
+        """``t`` on the device: in the middle of a guarded buffer, or alone (exact allocation)."""
+        if guarded_view:
+            return guarded(t, device, fill)
+        alone = t.to(device, copy=True)  # a copy on the CPU too: the load is mutated
+        return Alone(alone)
 
-def nvrtc_variants() -> dict:
-    """The NVRTC kernels by name, where another engineer's module provides them."""
+
+class Alone:
+    """An unguarded tensor, for the exact-allocation cases: memcheck sees its bounds."""
+
+    def __init__(self, view: torch.Tensor):
+        self.view = view
+
+    def intact(self) -> bool:
+        return True
+
+
+def cuda_variants() -> dict:
+    """The CUDA kernel variants by name."""
     try:
-        from eplb_compile.kernels import cuda_histogram
+        from eplb_compile.kernels.cuda_variants import VARIANTS
     except ImportError as error:
-        print(f"NVRTC variants: not available ({error})")
+        print(f"CUDA variants: not available ({error})")
         return {}
-    variants = getattr(cuda_histogram, "VARIANTS", None)
-    if variants is None:
-        try:
-            variants = {"smem": cuda_histogram.map_and_record_smem}
-        except AttributeError as error:
-            print(f"NVRTC variants: not available ({error})")
-            return {}
-    return dict(variants)
+    return dict(VARIANTS)
 
 
 def run(cases: int, max_tokens: int, seed: int, device: str) -> int:
     rng = random.Random(seed)
-    variants = nvrtc_variants() if device == "cuda" else {}
+    variants = cuda_variants() if device == "cuda" else {}
     failures: list[str] = []
     tried = {"ops": 0, **{name: 0 for name in variants}}
     not_applicable = {name: 0 for name in variants}
@@ -226,14 +217,17 @@ def run(cases: int, max_tokens: int, seed: int, device: str) -> int:
         got = eplb_compile.map_and_record(x.ids, x.l2p, x.replica_count, x.load, x.gate, x.unpadded)
         expect(torch.equal(got.cpu(), want_ids), "map_and_record ids", case)
         expect(torch.equal(x.load.cpu(), want_load), "map_and_record load", case)
-        expect(guards_intact(x.load_buffer, x.load), "map_and_record guard", case)
+        expect(x.load_guard.intact(), "map_and_record guard", case)
         expect(torch.equal(eplb_compile.map_only(x.ids, x.l2p, x.replica_count).cpu(), want_ids), "map_only", case)
+        want_padded = map_only_reference(cpu_ids, case.l2p, case.replica_count, case.num_unpadded)
+        got_padded = eplb_compile.map_only(x.ids, x.l2p, x.replica_count, x.unpadded)
+        expect(torch.equal(got_padded.cpu(), want_padded), "map_only padded", case)
 
         x = Inputs(case, device)
         eplb_compile.record_counts(x.load, case.counts.to(device), case.start, x.gate)
         want_counts = record_counts_reference(case.load, case.counts, case.start, case.gate)
         expect(torch.equal(x.load.cpu(), want_counts), "record_counts load", case)
-        expect(guards_intact(x.load_buffer, x.load), "record_counts guard", case)
+        expect(x.load_guard.intact(), "record_counts guard", case)
         tried["ops"] += 1
 
         for name, variant in variants.items():
@@ -241,9 +235,9 @@ def run(cases: int, max_tokens: int, seed: int, device: str) -> int:
                 continue
             x = Inputs(case, device)
             ids = x.ids.contiguous()  # these kernels take contiguous ids only; the map may be strided
-            out = torch.full(ids.shape, poison_for(want_ids), dtype=case.id_dtype, device=device)
+            out = torch.full(ids.shape, POISON, dtype=case.id_dtype, device=device)
             try:
-                variant(ids, x.l2p, x.replica_count, x.load, x.gate, x.unpadded, out, fallback=False)
+                variant.launch(KernelCall(ids, x.l2p, x.replica_count, out, x.load, x.gate, x.unpadded))
             except ValueError:  # the kernel does not take these inputs (e.g. too large for shared memory)
                 not_applicable[name] += 1
                 continue
@@ -252,7 +246,7 @@ def run(cases: int, max_tokens: int, seed: int, device: str) -> int:
                 continue
             expect(torch.equal(out.cpu(), want_ids), f"{name} ids", case)
             expect(torch.equal(x.load.cpu(), want_load), f"{name} load", case)
-            expect(guards_intact(x.load_buffer, x.load), f"{name} guard", case)
+            expect(x.load_guard.intact(), f"{name} guard", case)
             tried[name] += 1
         if device == "cuda":
             torch.cuda.synchronize()  # attribute a fault to this case

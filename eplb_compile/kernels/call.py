@@ -1,0 +1,55 @@
+"""One topk-path kernel call: the seven tensors, by name, built once per call.
+
+Every launcher (Triton or CUDA) takes a ``KernelCall``; none takes loose
+tensors, so ``out`` and ``load`` (both integer tensors) cannot be swapped by
+position. Plain torch: importing this needs neither Triton nor CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCall:
+    """Map ``ids`` into ``out``; count into ``load`` when one is given.
+
+    ``load is None`` is map_only: ``gate`` is then None too, and
+    ``num_unpadded`` (if given) marks the padded rows, whose ids come back as
+    -1. With a load, ``num_unpadded`` limits what is counted instead.
+    """
+
+    ids: torch.Tensor  # [T, k] logical expert ids
+    l2p: torch.Tensor  # [num_logical, slots] int64, padded with -1
+    replica_count: torch.Tensor  # [num_logical] int32 or int64
+    out: torch.Tensor  # [T, k] physical ids, dtype of ids
+    load: torch.Tensor | None = None  # [num_physical] int32, incremented in place
+    gate: torch.Tensor | None = None  # bool scalar: record or not (read on the device)
+    num_unpadded: torch.Tensor | None = None  # int32 scalar
+
+    @property
+    def records(self) -> bool:
+        return self.load is not None
+
+    def cuda_params(self) -> list[int]:
+        """The CUDA kernels' parameters, in ``EPLB_KERNEL_PARAMS`` order (eplb_topk.cu)."""
+        rc, l2p, load = self.replica_count, self.l2p, self.load
+        return [
+            self.ids.data_ptr(),
+            self.out.data_ptr(),
+            rc.data_ptr(),
+            rc.dtype == torch.int64,
+            rc.stride(0),
+            l2p.data_ptr(),
+            l2p.stride(0),
+            l2p.stride(1),
+            l2p.shape[0],
+            l2p.shape[1],
+            0 if load is None else load.data_ptr(),
+            0 if load is None else load.shape[0],
+            0 if self.gate is None else self.gate.data_ptr(),
+            0 if self.num_unpadded is None else self.num_unpadded.data_ptr(),
+            self.ids.numel(),
+        ]

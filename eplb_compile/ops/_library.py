@@ -1,0 +1,186 @@
+"""The ``torch.ops.eplb_compile`` operators: schema, CPU and CUDA
+implementations, fake, and functional decomposition, one block per op.
+
+Registered with ``torch.library.Library`` ``define``/``impl`` rather than the
+``@custom_op`` decorator, whose Python dispatch costs several times more per
+eager call. The plain-torch body (``_torch_impl``) is the CPU implementation;
+the CUDA implementation launches a Triton or NVRTC kernel and is registered
+only where Triton is installed. The fakes validate metadata and allocate.
+
+The functional decomposition runs when AOTAutograd functionalizes a graph, as
+``torch.library.triton_op`` does internally: on CUDA it traces the Triton
+kernel through ``wrap_triton`` so Inductor sees it; on CPU it traces the
+plain-torch body, which Inductor fuses. Under AOTAutograd the decomposition
+may run without the fake (aot_function, opcheck), so it validates too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+from eplb_compile.ops import _torch_impl
+from eplb_compile.ops._torch_compat import user_kernel_mutating_offset_view_is_miscompiled
+from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, RECORD_COUNTS
+
+NAMESPACE = "eplb_compile"
+LIB = torch.library.Library(NAMESPACE, "DEF")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _gpu_kernels():
+    """(KernelCall, choose, triton_kernels), imported on the first CUDA call."""
+    from eplb_compile.kernels import triton_kernels
+    from eplb_compile.kernels.call import KernelCall
+    from eplb_compile.kernels.chooser import choose
+
+    return KernelCall, choose, triton_kernels
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and HAS_TRITON
+
+
+def _register(name: str, cpu, cuda, fake, decomposition) -> None:
+    LIB.impl(name, cpu, "CPU")
+    if HAS_TRITON:
+        LIB.impl(name, cuda, "CUDA")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIB)
+
+    def functional_decomposition(mode, op, types, args, kwargs):
+        # Same contract as torch.library.triton_op: decompose only plain,
+        # fake and functional tensors; leave other subclasses to themselves.
+        if any(
+            not issubclass(t, torch._subclasses.FakeTensor) and t not in (torch.Tensor, FunctionalTensor)
+            for t in types
+        ):
+            return NotImplemented
+        with mode:
+            return decomposition(*args, **kwargs)
+
+    torch.library.register_torch_dispatch(f"{NAMESPACE}::{name}", FunctionalTensorMode, functional_decomposition, lib=LIB)
+
+
+# --------------------------------------------------------------------------
+# map_and_record. `Tensor(a!)` marks the load as mutated in place:
+# functionalization and cudagraph trees rely on it.
+# --------------------------------------------------------------------------
+
+LIB.define(
+    "map_and_record(Tensor topk_ids, Tensor logical_to_physical_map, Tensor logical_replica_count, "
+    "Tensor(a!) expert_load_view, Tensor record_enabled, Tensor? num_unpadded_tokens=None) -> Tensor"
+)
+
+
+def _map_and_record_cpu(ids, l2p, rc, load, gate, unpadded=None):
+    MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
+    return _torch_impl.map_and_record(ids, l2p, rc, load, gate, unpadded)
+
+
+def _map_and_record_cuda(ids, l2p, rc, load, gate, unpadded=None):
+    MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
+    KernelCall, choose, _ = _gpu_kernels()
+    call = KernelCall(ids, l2p, rc, torch.empty(ids.shape, dtype=ids.dtype, device=ids.device), load, gate, unpadded)
+    choose(call)(call)
+    return call.out
+
+
+def _map_and_record_fake(ids, l2p, rc, load, gate, unpadded=None):
+    MAP_AND_RECORD.check(ids, l2p, rc, load, gate, unpadded)
+    return ids.new_empty(ids.shape)
+
+
+def _map_and_record_traced(ids, l2p, rc, load, gate, unpadded=None):
+    MAP_AND_RECORD.check(ids, l2p, rc, load, gate, unpadded)
+    if not _on_cuda(ids):
+        return _torch_impl.map_and_record(ids, l2p, rc, load, gate, unpadded)
+    KernelCall, _, triton_kernels = _gpu_kernels()
+    out = torch.empty(ids.shape, dtype=ids.dtype, device=ids.device)
+    if user_kernel_mutating_offset_view_is_miscompiled():
+        # The kernel counts into a fresh buffer, added to the load by an aten
+        # add, which Inductor lowers correctly even into an offset view.
+        fresh = torch.zeros_like(load)
+        triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, fresh, gate, unpadded), traced=True)
+        load.add_(fresh)
+    else:
+        triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, load, gate, unpadded), traced=True)
+    return out
+
+
+_register("map_and_record", _map_and_record_cpu, _map_and_record_cuda, _map_and_record_fake, _map_and_record_traced)
+
+# --------------------------------------------------------------------------
+# map_only: the mapping alone; rows at or past num_unpadded_tokens come back -1.
+# --------------------------------------------------------------------------
+
+LIB.define(
+    "map_only(Tensor topk_ids, Tensor logical_to_physical_map, Tensor logical_replica_count, "
+    "Tensor? num_unpadded_tokens=None) -> Tensor"
+)
+
+
+def _map_only_cpu(ids, l2p, rc, unpadded=None):
+    MAP_ONLY.validate(ids, l2p, rc, unpadded)
+    return _torch_impl.map_only(ids, l2p, rc, unpadded)
+
+
+def _map_only_cuda(ids, l2p, rc, unpadded=None):
+    MAP_ONLY.validate(ids, l2p, rc, unpadded)
+    KernelCall, choose, _ = _gpu_kernels()
+    call = KernelCall(ids, l2p, rc, torch.empty(ids.shape, dtype=ids.dtype, device=ids.device), num_unpadded=unpadded)
+    choose(call)(call)
+    return call.out
+
+
+def _map_only_fake(ids, l2p, rc, unpadded=None):
+    MAP_ONLY.check(ids, l2p, rc, unpadded)
+    return ids.new_empty(ids.shape)
+
+
+def _map_only_traced(ids, l2p, rc, unpadded=None):
+    MAP_ONLY.check(ids, l2p, rc, unpadded)
+    if not _on_cuda(ids):
+        return _torch_impl.map_only(ids, l2p, rc, unpadded)
+    KernelCall, _, triton_kernels = _gpu_kernels()
+    out = torch.empty(ids.shape, dtype=ids.dtype, device=ids.device)
+    triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, num_unpadded=unpadded), traced=True)
+    return out
+
+
+_register("map_only", _map_only_cpu, _map_only_cuda, _map_only_fake, _map_only_traced)
+
+# --------------------------------------------------------------------------
+# record_counts. `start` is a SymInt so another EP rank reuses the same graph.
+# --------------------------------------------------------------------------
+
+LIB.define(
+    "record_counts(Tensor(a!) expert_load_view, Tensor counts, SymInt start, Tensor record_enabled) -> ()"
+)
+
+
+def _record_counts_cpu(load, counts, start, gate):
+    RECORD_COUNTS.validate(load, counts, start, gate)
+    _torch_impl.record_counts(load, counts, start, gate)
+
+
+def _record_counts_cuda(load, counts, start, gate):
+    RECORD_COUNTS.validate(load, counts, start, gate)
+    _gpu_kernels()[2].launch_record_counts(load, counts, start, gate)
+
+
+def _record_counts_fake(load, counts, start, gate):
+    RECORD_COUNTS.check(load, counts, start, gate)
+
+
+def _record_counts_traced(load, counts, start, gate):
+    RECORD_COUNTS.check(load, counts, start, gate)
+    # Plain torch on every device, so Inductor fuses it with its neighbours
+    # into generated code (one kernel on CUDA).
+    _torch_impl.record_counts(load, counts, start, gate)
+
+
+_register("record_counts", _record_counts_cpu, _record_counts_cuda, _record_counts_fake, _record_counts_traced)

@@ -1,0 +1,128 @@
+"""Every op under every way of compiling the token dimension, against the reference.
+
+vLLM compiles with backed dynamic shapes, and can run with unbacked ones or
+with ``backed_size_oblivious``; torch.export treats sizes obliviously too.
+Nothing in the ops may branch on the token count, so every mode must trace
+with fullgraph=True and give the reference's ids and load, for T = 0 too.
+The fuzz is bounded for CI (a few compiles, reused across examples).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eplb_compile
+from eplb_compile.reference import map_and_record_reference, map_only_reference, record_counts_reference
+
+from tests.cases import DEVICES
+
+NUM_LOGICAL, SLOTS, NUM_PHYSICAL, K, START = 6, 3, 10, 3, 4
+MODES = ["eager", "backed", "unbacked", "backed_size_oblivious", "export"]
+
+
+def all_ops(ids, l2p, replica_count, load, gate, num_unpadded, counts):
+    physical = eplb_compile.map_and_record(ids, l2p, replica_count, load, gate, num_unpadded)
+    mapped = eplb_compile.map_only(ids, l2p, replica_count, num_unpadded)
+    eplb_compile.record_counts(load, counts, START, gate)
+    return physical, mapped
+
+
+class AllOps(torch.nn.Module):
+    def forward(self, ids, l2p, replica_count, load, gate, num_unpadded, counts):
+        return all_ops(ids, l2p, replica_count, load, gate, num_unpadded, counts)
+
+
+def make_inputs(seed: int, tokens: int, dtype: torch.dtype, gate: bool, num_unpadded: int, device: str):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(-1, NUM_LOGICAL + 1, (tokens, K), generator=g).to(dtype).to(device),
+        torch.randint(-1, NUM_PHYSICAL + 1, (NUM_LOGICAL, SLOTS), generator=g).to(device),
+        torch.randint(0, SLOTS + 2, (NUM_LOGICAL,), generator=g).to(device),
+        torch.randint(0, 100, (NUM_PHYSICAL,), generator=g, dtype=torch.int32).to(device),
+        torch.tensor(gate, device=device),
+        torch.tensor(num_unpadded, dtype=torch.int32, device=device),
+        torch.randint(0, 100, (4,), generator=g, dtype=torch.int32).to(device),
+    ]
+
+
+def expected(args):
+    ids, l2p, replica_count, load, gate, num_unpadded, counts = [a.cpu() for a in args]
+    physical, new_load = map_and_record_reference(ids, l2p, replica_count, load, bool(gate), int(num_unpadded))
+    mapped = map_only_reference(ids, l2p, replica_count, int(num_unpadded))
+    return physical, mapped, record_counts_reference(new_load, counts, START, bool(gate))
+
+
+@functools.cache
+def compiled(mode: str, device: str, dtype: torch.dtype):
+    """A runner for ``mode``, built once per (mode, device, dtype) and reused by every example."""
+    if mode == "eager":
+        return all_ops
+    if mode == "export":
+        example = make_inputs(0, 5, dtype, True, 3, device)
+        tokens = torch.export.Dim("tokens", min=0)
+        program = torch.export.export(AllOps(), tuple(example), dynamic_shapes=({0: tokens},) + (None,) * 6)
+        return program.module()
+    fn = torch.compile(all_ops, fullgraph=True, dynamic=False)
+    oblivious = mode == "backed_size_oblivious"
+
+    def run(*args):
+        if mode == "unbacked":
+            torch._dynamo.decorators.mark_unbacked(args[0], 0)
+        else:
+            torch._dynamo.mark_dynamic(args[0], 0)
+        patch = torch.fx.experimental._config.patch(backed_size_oblivious=True) if oblivious else contextlib.nullcontext()
+        with patch:
+            return fn(*args)
+
+    return run
+
+
+def check(mode, device, seed, tokens, dtype, gate, num_unpadded):
+    args = make_inputs(seed, tokens, dtype, gate, num_unpadded, device)
+    want_physical, want_mapped, want_load = expected(args)
+    physical, mapped = compiled(mode, device, dtype)(*args)
+    assert torch.equal(physical.cpu(), want_physical), mode
+    assert torch.equal(mapped.cpu(), want_mapped), mode
+    assert torch.equal(args[3].cpu(), want_load), mode
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_compiles_and_matches(mode, device):
+    # T = 0 and 1 are specialised by backed shapes (a recompile, still exact);
+    # unbacked and oblivious modes take them in the same graph.
+    for seed, tokens in enumerate([37, 0, 1, 200, 5]):
+        check(mode, device, seed, tokens, torch.int32, gate=seed % 2 == 0, num_unpadded=tokens - 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["unbacked", "backed_size_oblivious"])
+def test_one_graph_for_every_token_count(mode, device):
+    torch._dynamo.reset()
+    compiled.cache_clear()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for seed, tokens in enumerate([0, 1, 2, 64, 333]):
+        check(mode, device, seed, tokens, torch.int64, gate=True, num_unpadded=tokens // 2)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    compiled.cache_clear()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=12, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    seed=st.integers(0, 2**31 - 1),
+    tokens=st.one_of(st.integers(0, 3), st.integers(2, 300)),
+    dtype=st.sampled_from([torch.int32, torch.int64]),
+    gate=st.booleans(),
+    unpadded=st.integers(-2, 305),
+)
+def test_fuzz_every_mode(device, mode, seed, tokens, dtype, gate, unpadded):
+    check(mode, device, seed, tokens, dtype, gate, unpadded)
