@@ -1,4 +1,4 @@
-"""``eplb-compile``: demo (the main job, CPU by default), graphs, bench, plot, examples.
+"""``eplb-compile``: demo (the main job, CPU by default), graphs, bench, plot, examples, report.
 
 A user's mistake is reported on one line of stderr naming the option and what
 it accepts, with exit status 2, before any long work starts.
@@ -241,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", type=Path, default=Path("graphs"), help="existing directory (default: ./graphs)")
     examples.add_argument("--ranks", type=positive, default=4, help="gloo processes (EP ranks)")
     examples.set_defaults(func=_examples, parser=examples)
+
+    from eplb_compile import report
+
+    report_parser = sub.add_parser("report", help="summarise a load recording made by the vLLM plugin's recorder")
+    report.add_report_arguments(report_parser)
+    report_parser.set_defaults(func=report.report_command)
     return parser
 
 

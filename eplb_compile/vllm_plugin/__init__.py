@@ -10,8 +10,12 @@ adds three things to vLLM, without a fork or a patch file:
    (``backends.py``): do they count tokens exactly per local expert?
 3. A hook after ``MoERunner.__init__`` that attaches the op to every EPLB
    layer. With the op off nothing is replaced, so the layer runs vLLM's code.
+4. Hooks on ``EplbState`` (``eplb_step_hook.py``) for the load recorder and the
+   Prometheus exporter, which do nothing unless
+   ``additional_config["eplb_compile"]`` asks for them (``config.py``).
 
-Every vLLM internal the plugin touches is in ``vllm_surface.py``. Importing
+Every vLLM internal the op touches is in ``vllm_surface.py``; those of the
+``EplbState`` side are marked ``# vLLM touchpoint`` in ``eplb_step_hook.py``. Importing
 this package imports no vLLM; :func:`register` does.
 """
 
@@ -40,10 +44,11 @@ def register() -> None:
     if version.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
         _warn_unsupported_once(version)
         return
-    from eplb_compile.vllm_plugin import backends, load_update  # importing registers the op
+    from eplb_compile.vllm_plugin import backends, eplb_step_hook, load_update  # importing registers the op
 
     backends.install()
     vllm_surface.after_moe_runner_init(load_update.attach)
+    eplb_step_hook.install()  # the recorder and exporter, off unless additional_config asks
 
 
 _warned_versions: set[str] = set()

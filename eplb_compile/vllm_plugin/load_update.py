@@ -90,17 +90,20 @@ class EplbLoadUpdate(CustomOp):
 
         impl = None if self._counts_lost else vllm_surface.modular_kernel(runner)
         choice = ec.select_lowering(
-            backends.has_exact_counts(impl), self._rank_uniform_num_tokens(topk_ids.shape[0]),
+            backends.has_exact_counts(impl),
+            self._rank_uniform_num_tokens(topk_ids.shape[0]),
+            device=topk_ids.device,
         )
         backend = "none" if impl is None else type(impl.prepare_finalize).__name__
         log_lowering(self._key, self.layer_name, choice.lowering.value, backend, choice.reason)
 
         if choice.lowering is ec.Lowering.COUNTS:
             _counts_pending[ubatch] = self
-            physical = ec.map_only(topk_ids, state.logical_to_physical_map, state.logical_replica_count)
-            # Rows of -1 are never dispatched, so expert_num_tokens leaves them out.
-            rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
-            return physical.masked_fill((rows >= num_unpadded).unsqueeze(1), -1)
+            # Padded rows come back -1 from the same kernel; rows of -1 are
+            # never dispatched, so expert_num_tokens leaves them out.
+            return ec.map_only(
+                topk_ids, state.logical_to_physical_map, state.logical_replica_count, num_unpadded
+            )
         return ec.map_and_record(
             topk_ids,
             state.logical_to_physical_map,

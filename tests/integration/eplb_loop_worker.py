@@ -60,7 +60,7 @@ def build_model(config, prefix_offset: int = 0):
     from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
     from vllm.model_executor.models.interfaces import MixtureOfExperts
 
-    import test_vllm_plugin as t
+    import vllm_layers as t
 
     class TinyMoEModel(torch.nn.Module, MixtureOfExperts):
         def __init__(self):
@@ -151,7 +151,7 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
     from vllm.distributed.eplb.eplb_state import EplbState
     from vllm.plugins import load_general_plugins
 
-    import test_vllm_plugin as t
+    import vllm_layers as t
     from eplb_compile.selection import MIN_TOKENS_ENV
 
     load_general_plugins()
