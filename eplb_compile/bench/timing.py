@@ -1,0 +1,121 @@
+"""Timing: CUDA graphs of all layers on the device, eager calls on the host.
+
+Device time: each implementation runs once per layer for every layer, with
+each layer's own inputs, captured in ONE CUDA graph; a sample is a run of
+graph replays timed with CUDA events, divided by replays x layers; the figure
+is the median of the samples, the implementations interleaved within each
+repeat so clock drift hits them alike.
+
+Host time: the per-call CPU time of eager calls, measured while the GPU is
+kept busy by a long sleep kernel, so launches queue without ever waiting for
+the device and the host clock sees only Python, dispatch and launch cost.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from eplb_compile.bench.inputs import Setup, Workload
+from eplb_compile.kernels.call import KernelCall
+
+
+def capture(call: Callable[[int], object], layers: int) -> torch.cuda.CUDAGraph:
+    for layer in range(layers):  # eager first: Triton and NVRTC build outside the capture
+        call(layer)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in range(layers):
+            call(layer)
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], layers: int, replays: int,
+                repeats: int) -> dict[str, list[float]]:
+    """Microseconds per layer: ``repeats`` samples per graph, interleaved across graphs."""
+    for graph in graphs.values():
+        for _ in range(3):
+            graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(repeats):
+        for name, graph in graphs.items():
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            samples[name].append(start.elapsed_time(end) * 1e3 / (replays * layers))
+    return samples
+
+
+def host_overhead_us(call: Callable[[], object], calls: int, rounds: int) -> float:
+    """Median per-call host time (µs) of eager calls while the GPU is busy.
+
+    A sleep kernel keeps the device occupied for longer than the timed calls
+    take to issue, so launches only queue (far below the queue's depth) and
+    no call waits on the GPU. The device is synchronized between rounds,
+    outside the clock.
+    """
+    call()
+    torch.cuda.synchronize()
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_hz = getattr(properties, "clock_rate", 2_000_000) * 1e3  # clock_rate is in kHz
+    cycles = int(clock_hz * calls * 200e-6)  # 200 µs of device time per call: far more than any call takes
+    samples = []
+    for _ in range(rounds):
+        torch.cuda._sleep(cycles)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+@dataclass
+class HostRow:
+    call: str
+    tokens: int
+    us: float
+    is_op: bool  # one of our operators: what the host goal is about
+
+
+def host_overheads(setup: Setup, work: dict[int, Workload], vllm_fn, calls: int, rounds: int) -> list[HostRow]:
+    """Per-call host cost at the smallest and largest T: our operators, vLLM's launcher,
+    the bare Triton launch and a plain torch slice add (the cheapest one-op update)."""
+    import eplb_compile.ops  # noqa: F401 - registers torch.ops.eplb_compile
+    from eplb_compile.kernels import chooser
+    from eplb_compile.kernels.triton_kernels import launch_map
+
+    ops = torch.ops.eplb_compile
+    start, n = setup.start, setup.num_local
+    rows = []
+    for tokens in sorted({min(work), max(work)}):
+        w = work[tokens]
+        ids, l2p, rc, load = w.ids[0], setup.l2p[0], setup.replica_count[0], w.loads[0]
+        gate, unpadded, out, counts = setup.gate, w.unpadded, w.outs[0], setup.counts[0]
+        call = KernelCall(ids, l2p, rc, out, load=load, gate=gate, num_unpadded=unpadded)
+        candidates = [
+            (f"map_and_record op (runs {chooser.variant_name(call)})", True,
+             lambda: ops.map_and_record(ids, l2p, rc, load, gate, unpadded)),
+            ("map_only op", True, lambda: ops.map_only(ids, l2p, rc)),
+            ("map_only op with num_unpadded", True, lambda: ops.map_only(ids, l2p, rc, unpadded)),
+            ("record_counts op", True, lambda: ops.record_counts(load, counts, start, gate)),
+            ("in-repo Triton launch_map (no op)", False, lambda: launch_map(call)),
+            ("plain torch slice add", False, lambda: load[start:start + n].add_(counts)),
+        ]
+        if vllm_fn is not None:
+            candidates.append(("vLLM _eplb_map_and_record_triton", False, lambda: vllm_fn(
+                topk_ids=ids, logical_to_physical_map=l2p, logical_replica_count=rc, expert_load_view=load,
+                record_enabled=gate, num_unpadded_tokens=unpadded)))
+        for name, is_op, fn in candidates:
+            rows.append(HostRow(name, tokens, host_overhead_us(fn, calls, rounds), is_op))
+    return rows
