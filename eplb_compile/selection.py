@@ -51,6 +51,8 @@ def _is_int(value) -> bool:
 def _check_count(name: str, value) -> None:
     if not _is_int(value):
         raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}")
+    if torch.compiler.is_compiling():
+        return  # a traced size is never negative, and formatting it would specialise it
     if value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value}")
 

@@ -1,0 +1,268 @@
+"""vLLM 0.33.0's real fused-MoE layer on a GPU, with the plugin on and off.
+
+Needs vLLM's Python sources and the GPU harness ``vllm_shim`` on PYTHONPATH
+(``tests/device/run_vllm_layer.sh`` sets them up). The harness stands in for
+vLLM's compiled extensions (built for another torch) with plain-torch ops,
+and, because vLLM's own ``BatchedPrepareAndFinalize.prepare`` and naive
+weight-and-reduce call ``Tensor.nonzero()`` (a host sync that fails inside
+CUDA-graph capture), swaps in sync-free versions with the same results.
+
+Part 1, checks: several EPLB layers (random placements with replicas) built
+by ``FusedMoEFactory``, with ``BatchedPrepareAndFinalize`` +
+``BatchedTritonExperts`` or ``NaiveBatchedExperts``; stock vLLM (op off)
+against the plugin on both lowerings; eager, inside ``torch.cuda.graph`` with
+replays that change the inputs, the gate and ``num_unpadded_tokens``, and
+under ``torch.compile(fullgraph=True)``. Every forward: the real rows' outputs
+are bitwise equal to stock vLLM's, and the load equals an independent count.
+
+Part 2, cost (``--time``): the layer at realistic shapes in a CUDA graph,
+EPLB off / stock recording / topk / counts; the recording's share of the layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import vllm_shim  # noqa: F401  (first: installs the stand-ins)
+import torch
+
+from vllm.config import CompilationConfig, VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.forward_context import set_forward_context  # noqa: E402
+from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG  # noqa: E402
+from vllm.model_executor.layers.fused_moe.experts.fused_batched_moe import (  # noqa: E402
+    BatchedTritonExperts,
+    NaiveBatchedExperts,
+)
+from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory  # noqa: E402
+from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernel  # noqa: E402
+from vllm.model_executor.layers.fused_moe.prepare_finalize import BatchedPrepareAndFinalize  # noqa: E402
+
+from eplb_compile import vllm_plugin  # noqa: E402
+from eplb_compile.reference import map_to_physical_reference  # noqa: E402
+from eplb_compile.selection import MIN_TOKENS_ENV  # noqa: E402
+from eplb_compile.workloads import eplb_placement  # noqa: E402
+
+DEV = torch.device("cuda")
+EXPERTS = {"triton": BatchedTritonExperts, "naive": NaiveBatchedExperts}
+
+
+class Layer:
+    def __init__(self, *, op_on: bool, experts: str, num_logical: int, num_redundant: int, top_k: int,
+                 hidden: int, intermediate: int, max_tokens: int, dtype, seed: int, eplb: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        place = eplb_placement(num_logical, num_redundant, 1, generator=g)
+        self.l2p = place.logical_to_physical_map.to(DEV)
+        self.replicas = place.logical_replica_count.to(DEV)
+        num_physical = place.num_physical
+        self.config = VllmConfig(compilation_config=CompilationConfig(
+            custom_ops=["+eplb_load_update" if op_on else "-eplb_load_update"]))
+        with set_current_vllm_config(self.config), torch.device(DEV):
+            self.runner = FusedMoEFactory(
+                num_experts=num_logical, top_k=top_k, hidden_size=hidden, intermediate_size=intermediate,
+                params_dtype=dtype, enable_eplb=eplb, num_redundant_experts=num_redundant if eplb else 0,
+                tp_size=1, dp_size=1, pcp_size=1, prefix=f"model.layers.{seed}.mlp.experts",
+            )
+        experts_mod = self.runner.routed_experts
+        p2l = place.physical_to_logical_map if eplb else torch.arange(num_logical)
+        w13 = torch.randn((num_logical, *experts_mod.w13_weight.shape[1:]), generator=g) * 0.05
+        w2 = torch.randn((num_logical, *experts_mod.w2_weight.shape[1:]), generator=g) * 0.05
+        with torch.no_grad():
+            experts_mod.w13_weight.copy_(w13[p2l].to(dtype))
+            experts_mod.w2_weight.copy_(w2[p2l].to(dtype))
+        num_local = self.runner.moe_config.num_local_experts
+        pf = BatchedPrepareAndFinalize(max_num_tokens=max_tokens, num_local_experts=num_local,
+                                       num_dispatchers=1, rank=0)
+        fused = EXPERTS[experts](moe_config=self.runner.moe_config, quant_config=FUSED_MOE_UNQUANTIZED_CONFIG,
+                                 max_num_tokens=max_tokens, num_dispatchers=1)
+        self.runner.routed_experts.quant_method.moe_kernel = FusedMoEKernel(pf, fused)
+        self.load_pass = torch.zeros((2, num_physical), dtype=torch.int32, device=DEV)
+        self.gate = torch.ones((), dtype=torch.bool, device=DEV)
+        self.unpadded = torch.zeros((), dtype=torch.int32, device=DEV)
+        if eplb:
+            self.runner.set_eplb_state(1, self.load_pass, self.l2p.expand(2, -1, -1), self.replicas.expand(2, -1))
+            state = self.runner.router.eplb_state
+            state.should_record_tensor = self.gate
+            state.num_unpadded_tokens_tensors = [self.unpadded]
+        self.ids = torch.full((max_tokens, top_k), -7, dtype=torch.int32, device=DEV)
+        self.runner.router.set_capture_fn(lambda ids: self.ids[: ids.shape[0]].copy_(ids))
+        self.attached = eplb and "eplb_load_update" in vars(self.runner.router)
+
+    @property
+    def load(self):
+        return self.load_pass[1]
+
+    def forward(self, hidden, logits, call=None):
+        call = self.runner.forward if call is None else call
+        is_padding = torch.arange(hidden.shape[0], device=DEV) >= self.unpadded
+        with set_current_vllm_config(self.config), set_forward_context(None, self.config, is_padding=is_padding):
+            return call(hidden, logits)
+
+    def expected_increment(self, num_tokens: int, num_real: int, gate: bool) -> torch.Tensor:
+        ids = self.ids[:num_tokens].cpu()
+        physical = torch.tensor(map_to_physical_reference(ids, self.l2p.cpu(), self.replicas.cpu())).view(ids.shape)
+        physical = physical[:num_real].reshape(-1)
+        physical = physical[physical >= 0]
+        counts = torch.bincount(physical, minlength=self.load.numel()).to(torch.int32)
+        return counts if gate else torch.zeros_like(counts)
+
+
+def check_config(experts: str, seed: int, lowering: str, failures: list, stats: dict) -> None:
+    os.environ[MIN_TOKENS_ENV] = "0" if lowering == "counts" else str(10**9)
+    shape = dict(experts=experts, num_logical=16, num_redundant=8, top_k=4, hidden=128, intermediate=256,
+                 max_tokens=96, dtype=torch.bfloat16, seed=seed)
+    on, off = Layer(op_on=True, **shape), Layer(op_on=False, **shape)
+    assert on.attached and not off.attached
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    name = f"{experts}/seed{seed}/{lowering}"
+
+    def compare(tag, out_on, out_off, num_tokens, num_real, gate, before):
+        stats["forwards"] += 1
+        if not torch.equal(out_on[:num_real], out_off[:num_real]):
+            failures.append(f"{name} {tag}: outputs differ (T={num_tokens} real={num_real})")
+        want = before + on.expected_increment(num_tokens, num_real, gate)
+        if not torch.equal(on.load.cpu(), want):
+            failures.append(f"{name} {tag}: plugin load != independent count")
+        if not torch.equal(off.load.cpu(), want):  # stock vLLM's own kernel, as a second oracle
+            failures.append(f"{name} {tag}: stock vLLM load != independent count")
+
+    # Eager.
+    for step, (num_tokens, num_real, gate) in enumerate([(96, 96, True), (40, 29, True), (7, 7, False), (64, 1, True)]):
+        hidden = torch.randn((num_tokens, 128), generator=g, device=DEV).to(torch.bfloat16)
+        logits = torch.randn((num_tokens, 16), generator=g, device=DEV)
+        before = on.load.cpu()
+        assert torch.equal(before, off.load.cpu())
+        outs = []
+        for layer in (on, off):
+            layer.gate.fill_(gate)
+            layer.unpadded.fill_(num_real)
+            outs.append(layer.forward(hidden.clone(), logits.clone()))
+        compare(f"eager{step}", *outs, num_tokens, num_real, gate, before)
+
+    # torch.cuda.graph: one capture, replays with new inputs, gate and num_unpadded.
+    T = 96
+    static = {id(layer): (torch.zeros((T, 128), dtype=torch.bfloat16, device=DEV),
+                          torch.zeros((T, 16), device=DEV)) for layer in (on, off)}
+    graphs, outputs = {}, {}
+    for layer in (on, off):
+        h, lg = static[id(layer)]
+        layer.gate.fill_(False)
+        layer.unpadded.fill_(T)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer.forward(h, lg)  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs[id(layer)] = layer.forward(h, lg)
+        graphs[id(layer)] = graph
+    for replay, (num_real, gate) in enumerate([(96, True), (50, True), (96, False), (3, True), (0, True), (77, True)]):
+        hidden = torch.randn((T, 128), generator=g, device=DEV).to(torch.bfloat16)
+        logits = torch.randn((T, 16), generator=g, device=DEV)
+        before = on.load.cpu()
+        for layer in (on, off):
+            static[id(layer)][0].copy_(hidden)
+            static[id(layer)][1].copy_(logits)
+            layer.gate.fill_(gate)
+            layer.unpadded.fill_(num_real)
+            graphs[id(layer)].replay()
+        torch.cuda.synchronize()
+        stats["replays"] += 1
+        compare(f"graph{replay}", outputs[id(on)], outputs[id(off)], T, num_real, gate, before)
+
+    # torch.compile(fullgraph=True) of the layer's forward.
+    compiled_on = torch.compile(on.runner.forward, fullgraph=True)
+    compiled_off = torch.compile(off.runner.forward, fullgraph=True)
+    for step, (num_tokens, num_real) in enumerate([(48, 48), (80, 61)]):
+        hidden = torch.randn((num_tokens, 128), generator=g, device=DEV).to(torch.bfloat16)
+        logits = torch.randn((num_tokens, 16), generator=g, device=DEV)
+        before = on.load.cpu()
+        outs = []
+        for layer, fn in ((on, compiled_on), (off, compiled_off)):
+            layer.gate.fill_(True)
+            layer.unpadded.fill_(num_real)
+            outs.append(layer.forward(hidden.clone(), logits.clone(), call=fn))
+        compare(f"compiled{step}", *outs, num_tokens, num_real, True, before)
+    torch._dynamo.reset()
+
+
+def time_layer(tokens: list[int], replays: int, repeats: int) -> list[dict]:
+    rows = []
+    shape = dict(experts="triton", num_logical=64, num_redundant=8, top_k=8, hidden=2048, intermediate=1408,
+                 dtype=torch.bfloat16, seed=1)
+    for T in tokens:
+        variants = {"eplb_off": (False, False, "x"), "vllm": (False, True, "x"),
+                    "topk": (True, True, str(10**9)), "counts": (True, True, "0")}
+        medians = {}
+        for label, (op_on, eplb, min_tokens) in variants.items():
+            os.environ[MIN_TOKENS_ENV] = min_tokens if min_tokens != "x" else str(10**9)
+            layer = Layer(op_on=op_on, eplb=eplb, max_tokens=T, **shape)
+            layer.runner.router.set_capture_fn(None)
+            g = torch.Generator(device=DEV).manual_seed(T)
+            h = torch.randn((T, 2048), generator=g, device=DEV).to(torch.bfloat16)
+            lg = torch.randn((T, 64), generator=g, device=DEV)
+            layer.unpadded.fill_(T)
+            layer.forward(h, lg)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                layer.forward(h, lg)
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(replays):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) * 1000 / replays)
+            medians[label] = sorted(times)[len(times) // 2]
+            del graph, layer
+            torch.cuda.empty_cache()
+        base = medians["eplb_off"]
+        row = {"T": T, **{k: round(v, 2) for k, v in medians.items()}}
+        for label in ("vllm", "topk", "counts"):
+            row[f"{label}_cost_us"] = round(medians[label] - base, 2)
+            row[f"{label}_share_pct"] = round(100 * (medians[label] - base) / base, 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--time", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    vllm_shim.graph_safe_batched(True)
+    from vllm.v1.worker.workspace import init_workspace_manager
+
+    init_workspace_manager(DEV)  # the modular kernel's scratch buffers, as vLLM's GPU worker sets up
+    vllm_plugin.register()
+    failures: list[str] = []
+    stats = {"forwards": 0, "replays": 0}
+    for experts in ("triton", "naive"):
+        for seed in (0, 1, 2):
+            for lowering in ("topk", "counts"):
+                check_config(experts, seed, lowering, failures, stats)
+    print(f"checks: {stats['forwards']} forwards compared ({stats['replays']} graph replays), "
+          f"{len(failures)} failures")
+    for line in failures[:20]:
+        print("  FAIL", line)
+    if args.time:
+        rows = time_layer([1, 16, 128, 512, 2048, 8192], replays=50, repeats=7)
+        with open(os.path.join(args.out, "vllm_layer_cost.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        print(f"{'T':>5} {'off us':>9} {'vLLM +us':>9} {'topk +us':>9} {'counts +us':>10} {'vLLM %':>7} {'topk %':>7} {'counts %':>8}")
+        for r in rows:
+            print(f"{r['T']:>5} {r['eplb_off']:>9.2f} {r['vllm_cost_us']:>9.2f} {r['topk_cost_us']:>9.2f} "
+                  f"{r['counts_cost_us']:>10.2f} {r['vllm_share_pct']:>7.3f} {r['topk_share_pct']:>7.3f} "
+                  f"{r['counts_share_pct']:>8.3f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
