@@ -189,44 +189,93 @@ def check_config(experts: str, seed: int, lowering: str, failures: list, stats: 
     torch._dynamo.reset()
 
 
-def time_layer(tokens: list[int], replays: int, repeats: int) -> list[dict]:
+def _median_us(fn, replays: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean time of ``replays`` calls, from CUDA events."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def _graph_of(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def _recording_alone_us(T: int, layer: "Layer") -> dict:
+    """The recording step alone at the layer's shapes, 20 calls per graph, µs per call."""
+    from vllm.model_executor.layers.fused_moe.router.base_router import eplb_map_to_physical_and_record
+
+    import eplb_compile as ec
+
+    ids = layer.ids[:T].contiguous()
+    ids.copy_(torch.randint(0, 64, (T, 8), device=DEV, dtype=torch.int32))
+    state = dict(l2p=layer.l2p, rc=layer.replicas, load=layer.load, gate=layer.gate, unpadded=layer.unpadded)
+    calls = {
+        "vllm": lambda: eplb_map_to_physical_and_record(ids, state["load"], state["l2p"], state["rc"],
+                                                        state["gate"], state["unpadded"]),
+        "topk": lambda: ec.map_and_record(ids, state["l2p"], state["rc"], state["load"], state["gate"],
+                                          state["unpadded"]),
+        "counts": lambda: (ec.map_only(ids, state["l2p"], state["rc"], state["unpadded"]),
+                           ec.record_counts(state["load"], layer.counts, 0, state["gate"])),
+    }
+    out = {}
+    for name, call in calls.items():
+        graph = _graph_of(call, calls=20)
+        out[name] = _median_us(graph.replay, 20, 7) / 20
+    return out
+
+
+def time_layer(tokens: list[int], repeats: int) -> list[dict]:
+    """The MoE layer in a CUDA graph: EPLB off, stock recording, topk, counts.
+
+    EPLB off is the same layer with 72 logical experts and no EPLB state, so it
+    does the same expert work as 64 logical + 8 redundant; only the mapping
+    and recording differ. Batched experts pad every expert to max_num_tokens,
+    so the expert work does not depend on the routing.
+    """
     rows = []
-    shape = dict(experts="triton", num_logical=64, num_redundant=8, top_k=8, hidden=2048, intermediate=1408,
-                 dtype=torch.bfloat16, seed=1)
+    shape = dict(experts="triton", top_k=8, hidden=2048, intermediate=1408, dtype=torch.bfloat16, seed=1)
+    variants = {"eplb_off": (False, False), "vllm": (False, True), "topk": (True, True), "counts": (True, True)}
     for T in tokens:
-        variants = {"eplb_off": (False, False, "x"), "vllm": (False, True, "x"),
-                    "topk": (True, True, str(10**9)), "counts": (True, True, "0")}
-        medians = {}
-        for label, (op_on, eplb, min_tokens) in variants.items():
-            os.environ[MIN_TOKENS_ENV] = min_tokens if min_tokens != "x" else str(10**9)
-            layer = Layer(op_on=op_on, eplb=eplb, max_tokens=T, **shape)
+        replays = 20 if T <= 512 else 4
+        medians, spread, alone = {}, {}, {}
+        for label, (op_on, eplb) in variants.items():
+            os.environ[MIN_TOKENS_ENV] = "0" if label == "counts" else str(10**9)
+            experts = dict(num_logical=64, num_redundant=8) if eplb else dict(num_logical=72, num_redundant=0)
+            layer = Layer(op_on=op_on, eplb=eplb, max_tokens=T, **experts, **shape)
             layer.runner.router.set_capture_fn(None)
             g = torch.Generator(device=DEV).manual_seed(T)
             h = torch.randn((T, 2048), generator=g, device=DEV).to(torch.bfloat16)
-            lg = torch.randn((T, 64), generator=g, device=DEV)
+            lg = torch.randn((T, experts["num_logical"]), generator=g, device=DEV)
             layer.unpadded.fill_(T)
-            layer.forward(h, lg)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                layer.forward(h, lg)
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(replays):
-                    graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) * 1000 / replays)
-            medians[label] = sorted(times)[len(times) // 2]
+            graph = _graph_of(lambda: layer.forward(h, lg))
+            samples = [_median_us(graph.replay, replays, 1) for _ in range(repeats)]
+            medians[label] = sorted(samples)[len(samples) // 2]
+            spread[label] = max(samples) - min(samples)
+            if label == "topk":
+                layer.counts = torch.randint(0, T + 1, (72,), device=DEV, dtype=torch.int32)
+                alone = _recording_alone_us(T, layer)
             del graph, layer
             torch.cuda.empty_cache()
         base = medians["eplb_off"]
-        row = {"T": T, **{k: round(v, 2) for k, v in medians.items()}}
+        row = {"T": T, **{k: round(v, 2) for k, v in medians.items()},
+               "spread_us": round(max(spread.values()), 2)}
         for label in ("vllm", "topk", "counts"):
-            row[f"{label}_cost_us"] = round(medians[label] - base, 2)
-            row[f"{label}_share_pct"] = round(100 * (medians[label] - base) / base, 3)
+            row[f"{label}_ab_us"] = round(medians[label] - base, 2)
+            row[f"{label}_alone_us"] = round(alone[label], 2)
+            row[f"{label}_share_pct"] = round(100 * alone[label] / base, 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -235,6 +284,7 @@ def time_layer(tokens: list[int], replays: int, repeats: int) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--time", action="store_true")
+    parser.add_argument("--only-time", action="store_true", help="skip the checks")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     vllm_shim.graph_safe_batched(True)
@@ -244,7 +294,7 @@ def main() -> int:
     vllm_plugin.register()
     failures: list[str] = []
     stats = {"forwards": 0, "replays": 0}
-    for experts in ("triton", "naive"):
+    for experts in () if args.only_time else ("triton", "naive"):
         for seed in (0, 1, 2):
             for lowering in ("topk", "counts"):
                 check_config(experts, seed, lowering, failures, stats)
@@ -252,15 +302,18 @@ def main() -> int:
           f"{len(failures)} failures")
     for line in failures[:20]:
         print("  FAIL", line)
-    if args.time:
-        rows = time_layer([1, 16, 128, 512, 2048, 8192], replays=50, repeats=7)
+    if args.time or args.only_time:
+        rows = time_layer([1, 16, 128, 512, 2048, 8192], repeats=5)
         with open(os.path.join(args.out, "vllm_layer_cost.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
-        print(f"{'T':>5} {'off us':>9} {'vLLM +us':>9} {'topk +us':>9} {'counts +us':>10} {'vLLM %':>7} {'topk %':>7} {'counts %':>8}")
+        print("recording alone (µs per call, CUDA graph) and its share of the EPLB-off layer; A/B = layer minus EPLB off")
+        print(f"{'T':>5} {'layer us':>9} {'spread':>7} {'vLLM':>6} {'topk':>6} {'counts':>6} "
+              f"{'vLLM %':>7} {'topk %':>7} {'cnt %':>7} {'A/B vLLM':>9} {'A/B topk':>9} {'A/B cnt':>8}")
         for r in rows:
-            print(f"{r['T']:>5} {r['eplb_off']:>9.2f} {r['vllm_cost_us']:>9.2f} {r['topk_cost_us']:>9.2f} "
-                  f"{r['counts_cost_us']:>10.2f} {r['vllm_share_pct']:>7.3f} {r['topk_share_pct']:>7.3f} "
-                  f"{r['counts_share_pct']:>8.3f}")
+            print(f"{r['T']:>5} {r['eplb_off']:>9.1f} {r['spread_us']:>7.1f} {r['vllm_alone_us']:>6.2f} "
+                  f"{r['topk_alone_us']:>6.2f} {r['counts_alone_us']:>6.2f} {r['vllm_share_pct']:>7.3f} "
+                  f"{r['topk_share_pct']:>7.3f} {r['counts_share_pct']:>7.3f} {r['vllm_ab_us']:>9.1f} "
+                  f"{r['topk_ab_us']:>9.1f} {r['counts_ab_us']:>8.1f}")
     return 1 if failures else 0
 
 

@@ -340,3 +340,36 @@ def test_each_ep_rank_records_its_own_slice():
         assert torch.equal(torch.tensor(result["counts"]["load"], dtype=torch.int32), own)
         assert result["counts"]["output"] == result["topk"]["output"]
     assert ranks[0]["counts"]["output"] == ranks[1]["counts"]["output"]  # all-reduced
+
+
+def test_unsupported_vllm_release_stays_stock_with_one_log_line():
+    """On a vLLM whose internals were not checked, register() installs nothing and says so once."""
+    script = textwrap.dedent(
+        """
+        import json, logging, vllm
+        vllm.__version__ = "0.34.0"  # a release the plugin was not checked against
+        records = []
+        handler = logging.Handler(); handler.emit = records.append
+        logger = logging.getLogger("vllm.eplb_compile.vllm_plugin")
+        logger.addHandler(handler); logger.setLevel(logging.INFO)
+        from eplb_compile.vllm_plugin import register
+        register(); register()
+        from vllm.model_executor.custom_op import op_registry
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+        from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEPrepareAndFinalize
+        print(json.dumps({
+            "op_registered": "eplb_load_update" in op_registry,
+            "init_hooked": getattr(MoERunner.__init__, "__eplb_compile__", False),
+            "capability": hasattr(FusedMoEPrepareAndFinalize, "supports_exact_expert_num_tokens"),
+            "lines": [r.getMessage() for r in records],
+        }))
+        """
+    )
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_PLUGINS="")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["op_registered"] is False and result["init_hooked"] is False and result["capability"] is False
+    assert result["lines"] == [
+        "eplb_load_update: vLLM 0.34.0 is not supported (supported: 0.33.0); eplb_compile leaves vLLM stock"
+    ]
