@@ -31,6 +31,7 @@ def test_python_example_runs_and_prints_what_it_says():
     assert lines[3] == "Lowering.TOPK"
     assert lines[4] == "Lowering.COUNTS"
     assert lines[5] == "backend provides no exact per-expert counts"
+    assert lines[6] == "[[0, 2], [5, 3], [-1, -1]]"
 
 
 def test_metrics_example_prints_what_it_says():
