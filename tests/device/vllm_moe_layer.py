@@ -189,6 +189,56 @@ def check_config(experts: str, seed: int, lowering: str, failures: list, stats: 
     torch._dynamo.reset()
 
 
+def check_traced_on_gpu(experts: str, lowering: str, failures: list, stats: dict) -> None:
+    """Dynamo traces the router and the plugin on the GPU too: ``_forward_impl``
+    (what vLLM's opaque ``moe_forward`` op runs) under ``torch.compile(fullgraph=True)``
+    with a dynamic token dimension: one graph across token counts, and the same
+    outputs and loads as stock vLLM run eagerly."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    os.environ[MIN_TOKENS_ENV] = "0" if lowering == "counts" else str(10**9)
+    shape = dict(experts=experts, num_logical=16, num_redundant=8, top_k=4, hidden=128, intermediate=256,
+                 max_tokens=96, dtype=torch.bfloat16, seed=7)
+    on, off = Layer(op_on=True, **shape), Layer(op_on=False, **shape)
+    name = f"traced/{experts}/{lowering}"
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    traced = torch.compile(lambda h, lg: on.runner._forward_impl(h, lg, None, None), fullgraph=True, backend=counter)
+
+    def call(h, lg):
+        torch._dynamo.mark_dynamic(h, 0)
+        torch._dynamo.mark_dynamic(lg, 0)
+        return traced(h, lg)
+
+    # One eager forward first, as vLLM's profiling run: vLLM initialises its
+    # quant config lazily in the first forward (a recompile with the op on or off).
+    on.gate.fill_(False)
+    on.unpadded.fill_(8)
+    on.forward(torch.zeros((8, 128), dtype=torch.bfloat16, device=DEV), torch.zeros((8, 16), device=DEV))
+    g = torch.Generator(device=DEV).manual_seed(11)
+    try:
+        for num_tokens, num_real in [(48, 48), (80, 61), (17, 17), (96, 90)]:
+            hidden = torch.randn((num_tokens, 128), generator=g, device=DEV).to(torch.bfloat16)
+            logits = torch.randn((num_tokens, 16), generator=g, device=DEV)
+            before = on.load.cpu()
+            for layer in (on, off):
+                layer.gate.fill_(True)
+                layer.unpadded.fill_(num_real)
+            out_on = on.forward(hidden.clone(), logits.clone(), call=call)
+            out_off = off.forward(hidden.clone(), logits.clone())
+            stats["forwards"] += 1
+            if not torch.equal(out_on[:num_real], out_off[:num_real]):
+                failures.append(f"{name}: outputs differ (T={num_tokens})")
+            if not torch.equal(on.load.cpu(), before + on.expected_increment(num_tokens, num_real, True)):
+                failures.append(f"{name}: load != independent count (T={num_tokens})")
+        if counter.frame_count != 1:
+            failures.append(f"{name}: {counter.frame_count} graphs for 4 token counts")
+        stats["traced"] = stats.get("traced", 0) + 1
+    except Exception as error:  # report, do not hide: a trace failure is a failure
+        failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    torch._dynamo.reset()
+
+
 def _median_us(fn, replays: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean time of ``replays`` calls, from CUDA events."""
     times = []
@@ -284,7 +334,8 @@ def time_layer(tokens: list[int], repeats: int) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--time", action="store_true")
-    parser.add_argument("--only-time", action="store_true", help="skip the checks")
+    parser.add_argument("--checks", choices=["all", "traced", "none"], default="all",
+                        help="all: eager, graph, compiled and traced checks; traced: only Dynamo on the GPU")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     vllm_shim.graph_safe_batched(True)
@@ -294,15 +345,18 @@ def main() -> int:
     vllm_plugin.register()
     failures: list[str] = []
     stats = {"forwards": 0, "replays": 0}
-    for experts in () if args.only_time else ("triton", "naive"):
+    for experts in ("triton", "naive") if args.checks == "all" else ():
         for seed in (0, 1, 2):
             for lowering in ("topk", "counts"):
                 check_config(experts, seed, lowering, failures, stats)
-    print(f"checks: {stats['forwards']} forwards compared ({stats['replays']} graph replays), "
-          f"{len(failures)} failures")
+    for experts in ("naive", "triton") if args.checks != "none" else ():
+        for lowering in ("topk", "counts"):
+            check_traced_on_gpu(experts, lowering, failures, stats)
+    print(f"checks: {stats['forwards']} forwards compared ({stats['replays']} graph replays, "
+          f"{stats.get('traced', 0)} layers traced by Dynamo on the GPU), {len(failures)} failures")
     for line in failures[:20]:
         print("  FAIL", line)
-    if args.time or args.only_time:
+    if args.time:
         rows = time_layer([1, 16, 128, 512, 2048, 8192], repeats=5)
         with open(os.path.join(args.out, "vllm_layer_cost.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
