@@ -10,8 +10,9 @@
   the pass to the recorder for the steps whose pass goes into the window; after
   a rearrangement, hand it the new map.
 
-Every vLLM attribute or method used here that is not public API is marked
-``# vLLM touchpoint`` with the file:line of 0.33.0 it relies on.
+Every ``EplbState`` internal (and the EP group and config reads) goes through
+``vllm_surface.py``, which names the vLLM 0.33.0 file:line each relies on.
+``_wrap_step`` imports no vLLM, so it can wrap a stand-in state.
 """
 
 from __future__ import annotations
@@ -20,21 +21,16 @@ import atexit
 import functools
 import weakref
 
+from . import vllm_surface
 from .config import ObservabilityConfig, from_additional_config
 from .recorder import ModelInfo, Recorder
 
-_MARK = "__eplb_compile__"
 _ATTR = "_eplb_compile_recorder"  # on the EplbState instance
 
 
 def install() -> None:
     """Wrap ``EplbState.add_model`` and ``EplbState.step`` (idempotent)."""
-    from vllm.distributed.eplb.eplb_state import EplbState
-
-    if getattr(EplbState.step, _MARK, False):
-        return
-    EplbState.add_model = _wrap_add_model(EplbState.add_model)  # vLLM touchpoint: eplb_state.py:362
-    EplbState.step = _wrap_step(EplbState.step)  # vLLM touchpoint: eplb_state.py:561
+    vllm_surface.wrap_eplb_state_methods(_wrap_add_model, _wrap_step)
 
 
 def recorder_of(eplb_state) -> Recorder | None:
@@ -44,48 +40,35 @@ def recorder_of(eplb_state) -> Recorder | None:
 def _wrap_add_model(stock_add_model):
     @functools.wraps(stock_add_model)
     def add_model(self, *args, **kwargs):
-        from vllm.config import get_current_vllm_config_or_none
-
-        vllm_config = get_current_vllm_config_or_none()
         # Validated before vLLM allocates anything, so a bad key stops the start-up at once.
-        config = from_additional_config(None if vllm_config is None else vllm_config.additional_config)
+        config = from_additional_config(vllm_surface.additional_config())
         result = stock_add_model(self, *args, **kwargs)
         if config.enabled:
             _record_new_model(self, recorder_of(self) or _start(self, config))
         return result
 
-    setattr(add_model, _MARK, True)
     return add_model
 
 
 def _record_new_model(state, recorder: Recorder) -> None:
-    model_state = list(state.model_states.values())[-1]  # vLLM touchpoint: eplb_state.py:240, insertion order
-    model = model_state.model  # vLLM touchpoint: eplb_state.py:189
-    info = ModelInfo(
-        name=model_state.model_name,  # vLLM touchpoint: eplb_state.py:188
-        layer_names=[str(layer.layer_name) for layer in model.moe_layers],  # MoERunner, runner/moe_runner.py:294
-        num_logical=model.num_logical_experts,
-        num_physical=model.num_physical_experts,
-        window_size=state.expert_load_window_size,  # vLLM touchpoint: eplb_state.py:252
-    )
+    model_state = vllm_surface.newest_model_state(state)
+    name, layer_names, num_logical, num_physical = vllm_surface.model_description(model_state)
+    info = ModelInfo(name=name, layer_names=layer_names, num_logical=num_logical, num_physical=num_physical,
+                     window_size=vllm_surface.window_size(state))
     index = recorder.add_model(info)
     if recorder.exporter is not None:
         recorder.exporter.add_model(info)
-    # vLLM touchpoint: eplb_state.py:105 (physical_to_logical_map, committed in place by _commit_eplb_maps)
-    recorder.on_map(index, -1, model_state.physical_to_logical_map)
+    recorder.on_map(index, -1, vllm_surface.physical_to_logical(model_state))
 
 
 def _start(state, config: ObservabilityConfig) -> Recorder:
-    import vllm
-    from vllm.distributed.parallel_state import get_ep_group
     from vllm.logger import init_logger
 
     import eplb_compile
 
     from . import LOG_TAG
 
-    group = get_ep_group()  # vLLM's EP group, as EplbState.step uses it (eplb_state.py:588)
-    ep_rank, ep_size = group.rank_in_group, group.world_size
+    ep_rank, ep_size = vllm_surface.ep_rank_and_size()
     logger = init_logger(f"vllm.{__name__}")
     exporter = None
     if config.metrics_port is not None:
@@ -99,7 +82,7 @@ def _start(state, config: ObservabilityConfig) -> Recorder:
     recorder = Recorder(
         record_dir=config.record_dir, flush_every_steps=config.flush_every_steps, ring_steps=config.ring_steps,
         ep_rank=ep_rank, ep_size=ep_size, exporter=exporter, logger=logger,
-        versions={"vllm_version": vllm.__version__, "eplb_compile_version": eplb_compile.__version__},
+        versions={"vllm_version": vllm_surface.vllm_version(), "eplb_compile_version": eplb_compile.__version__},
     )
     setattr(state, _ATTR, recorder)
     atexit.register(_close, weakref.ref(recorder))
@@ -122,23 +105,19 @@ def _wrap_step(stock_step):
             return stock_step(self, is_dummy, is_profile, log_stats)
         number = recorder.step_number
         recorder.step_number += 1
-        model_states = list(self.model_states.values())  # vLLM touchpoint: eplb_state.py:240
-        # The same test vLLM's step makes before it copies the pass into the window
-        # (eplb_state.py:646-655); it reads only host counters.
-        if not is_dummy and self._should_record_current_step(log_stats=log_stats):  # vLLM touchpoint: :697
+        model_states = vllm_surface.model_states(self)
+        # Read before the stock step copies the pass into the window and zeroes it.
+        if not is_dummy and vllm_surface.pass_goes_into_window(self, log_stats):
             for index, model_state in enumerate(model_states):
-                recorder.on_pass(index, number, model_state.expert_load_pass)  # vLLM touchpoint: :163
-        # vLLM touchpoint: eplb_state.py:194 (rebalanced: async maps land during a later step)
-        async_pending = [getattr(m, "rebalanced", False) for m in model_states]
+                recorder.on_pass(index, number, vllm_surface.load_pass(model_state))
+        async_pending = [vllm_surface.async_map_pending(m) for m in model_states]
         stock_step(self, is_dummy, is_profile, log_stats)
-        # Sync mode rearranges inside the step and then resets the counter to 0
-        # (eplb_state.py:692); async mode commits the last layer's map when
-        # ``rebalanced`` drops back to False.
-        rearranged = not self.is_async and self.expert_rearrangement_step == 0  # vLLM touchpoint: :279, :257
+        # A sync rearrangement happens inside the step; an async one commits its
+        # map during a later step, when the pending flag drops.
+        rearranged = vllm_surface.sync_step_rearranged(self)
         for index, model_state in enumerate(model_states):
-            if rearranged or (async_pending[index] and not model_state.rebalanced):
-                recorder.on_map(index, number, model_state.physical_to_logical_map)  # vLLM touchpoint: :105
+            if rearranged or (async_pending[index] and not vllm_surface.async_map_pending(model_state)):
+                recorder.on_map(index, number, vllm_surface.physical_to_logical(model_state))
 
-    setattr(step, _MARK, True)
     return step
 

@@ -4,7 +4,8 @@ On a vLLM upgrade, review this file: each function names the vLLM 0.33.0
 source it depends on (paths under ``vllm/``). The rest of the plugin only
 calls these functions, vLLM's public ``CustomOp`` API and ``eplb_compile``'s
 public ops. Everything on the forward path here is plain attribute access
-that Dynamo traces without a graph break.
+that Dynamo traces without a graph break. It runs a little over 300 lines
+by design: it is the one list of the plugin's vLLM touchpoints.
 """
 
 from __future__ import annotations
@@ -197,6 +198,106 @@ def dp_max_num_tokens(local_num_tokens: int) -> int:
     if dp_metadata is None:
         return local_num_tokens
     return int(dp_metadata.num_tokens_across_dp_cpu.max())
+
+
+# --------------------------------------------------------------------------
+# EplbState (the recorder). ``distributed/eplb/eplb_state.py`` unless named.
+# Only plain attribute reads after the imports: the step hook runs them on
+# host counters and never syncs the device.
+# --------------------------------------------------------------------------
+
+
+def wrap_eplb_state_methods(add_model_wrapper: Callable, step_wrapper: Callable) -> None:
+    """Replace ``EplbState.add_model`` (:362) and ``EplbState.step`` (:561) by
+    ``wrapper(stock_method)``, once. ``add_model`` builds a model's EPLB state
+    with vLLM's config current; ``step`` copies the pass into the window."""
+    from vllm.distributed.eplb.eplb_state import EplbState
+
+    if getattr(EplbState.step, MARK, False):
+        return
+    for name, wrapper in (("add_model", add_model_wrapper), ("step", step_wrapper)):
+        wrapped = wrapper(getattr(EplbState, name))
+        setattr(wrapped, MARK, True)
+        setattr(EplbState, name, wrapped)
+
+
+def model_states(state) -> list:
+    """``EplbState.model_states`` (:240): a dict keyed by model config hash,
+    filled by ``add_model`` (:526), in insertion order."""
+    return list(state.model_states.values())
+
+
+def newest_model_state(state):
+    """The ``EplbModelState`` the last ``add_model`` built (see :func:`model_states`)."""
+    return model_states(state)[-1]
+
+
+def model_description(model_state) -> tuple[str, list[str], int, int]:
+    """``(name, layer_names, num_logical, num_physical)`` of a model's EPLB state.
+
+    ``EplbModelState.model_name`` (:188) and ``.model`` (:189), a
+    ``MixtureOfExperts`` (``model_executor/models/interfaces.py:1072-1090``:
+    ``num_logical_experts``, ``num_physical_experts``, ``moe_layers``) whose
+    layers are ``MoERunner`` objects named by ``layer_name`` (``runner/moe_runner.py:294``).
+    """
+    model = model_state.model
+    layer_names = [str(layer.layer_name) for layer in model.moe_layers]
+    return model_state.model_name, layer_names, model.num_logical_experts, model.num_physical_experts
+
+
+def window_size(state) -> int:
+    """``EplbState.expert_load_window_size`` (:252, set by ``add_model`` at :457)."""
+    return state.expert_load_window_size
+
+
+def pass_goes_into_window(state, log_stats: bool) -> bool:
+    """``EplbState._should_record_current_step`` (:697): the test a non-dummy
+    ``step`` makes before it copies the pass into the window and zeroes it
+    (:646-655). Reads host counters only."""
+    return state._should_record_current_step(log_stats=log_stats)
+
+
+def load_pass(model_state) -> torch.Tensor:
+    """``EplbModelState.expert_load_pass`` (:163), ``[layers, physical]``, this step's counts."""
+    return model_state.expert_load_pass
+
+
+def physical_to_logical(model_state) -> torch.Tensor:
+    """``EplbModelState.physical_to_logical_map`` (:105), updated in place when
+    a rearrangement commits (``_commit_eplb_maps``)."""
+    return model_state.physical_to_logical_map
+
+
+def async_map_pending(model_state) -> bool:
+    """``EplbModelState.rebalanced`` (:194): an async rearrangement is under
+    way; its map lands during a later step, when this drops back to False."""
+    return getattr(model_state, "rebalanced", False)
+
+
+def sync_step_rearranged(state) -> bool:
+    """Whether the ``step`` that just ran rearranged in sync mode: it then resets
+    ``expert_rearrangement_step`` (:257) to 0 (:692); ``is_async`` is :279."""
+    return not state.is_async and state.expert_rearrangement_step == 0
+
+
+def ep_rank_and_size() -> tuple[int, int]:
+    """This rank and the size of vLLM's EP group, the one ``EplbState.step``
+    uses (:586): ``distributed/parallel_state.py:1660`` ``get_ep_group()``,
+    ``GroupCoordinator.rank_in_group`` / ``world_size`` (:448, :439)."""
+    from vllm.distributed.parallel_state import get_ep_group
+
+    group = get_ep_group()
+    return group.rank_in_group, group.world_size
+
+
+def additional_config() -> Any:
+    """The current ``VllmConfig.additional_config`` (``config/vllm.py:429``, a
+    dict or ``SupportsHash``); None outside a config context
+    (``get_current_vllm_config_or_none``, :3633)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    return None if vllm_config is None else vllm_config.additional_config
 
 
 # --------------------------------------------------------------------------
