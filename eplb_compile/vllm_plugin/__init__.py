@@ -14,8 +14,8 @@ adds three things to vLLM, without a fork or a patch file:
    Prometheus exporter, which do nothing unless
    ``additional_config["eplb_compile"]`` asks for them (``config.py``).
 
-Every vLLM internal the op touches is in ``vllm_surface.py``; those of the
-``EplbState`` side are marked ``# vLLM touchpoint`` in ``eplb_step_hook.py``. Importing
+Every vLLM internal the plugin touches, the op's and the ``EplbState``
+recorder hook's, is in ``vllm_surface.py``. Importing
 this package imports no vLLM; :func:`register` does.
 """
 
