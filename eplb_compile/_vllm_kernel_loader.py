@@ -1,8 +1,9 @@
 """Load vLLM 0.33.0's EPLB router kernel without installing vLLM.
 
-The GPU machines run torch 2.11, which vLLM 0.33.0's binaries do not load,
-and importing ``vllm.model_executor.layers.fused_moe`` there fails (DESIGN
-§2.5). Only ``_eplb_map_and_record_i32_kernel`` and its launcher
+The GPU machines run torch 2.11, which vLLM 0.33.0's binaries (built for
+torch 2.14) do not load, so importing ``vllm.model_executor.layers.fused_moe``
+there fails without a stand-in for vLLM's compiled extensions. Only
+``_eplb_map_and_record_i32_kernel`` and its launcher
 ``_eplb_map_and_record_triton`` are needed to compare with, or to time
 against. :func:`load_vllm_router_kernel` copies those two functions verbatim
 out of ``router/base_router.py`` into a module of their own, with plain

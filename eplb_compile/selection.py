@@ -173,10 +173,11 @@ def _select_while_compiling(threshold: int) -> LoweringChoice:
     specialise it), and vLLM's compiled mode drops guards, so one traced
     choice serves every size, and every EP rank must make the same one. So a
     compiled graph takes the count path only when the crossover is 0, which
-    every size meets.
+    every size meets. The reasons carry no number: with ``dynamic=True`` Dynamo
+    may make the crossover itself symbolic, and formatting a symbol fails.
     """
     if threshold == 0:
         return LoweringChoice(Lowering.COUNTS, "exact backend counts and crossover 0 (compiled graph)")
     return LoweringChoice(
-        Lowering.TOPK, f"compiled graph serves token counts below crossover {threshold}: one fused kernel"
+        Lowering.TOPK, "compiled graph serves token counts below the crossover: one fused kernel"
     )
