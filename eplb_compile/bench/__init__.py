@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
     import triton
 
     from eplb_compile.bench import impls, inputs, plan, report
-    from eplb_compile.bench.timing import host_overheads
+    from eplb_compile.bench.timing import copy_bandwidth_gbs, host_overheads
     from eplb_compile.kernels import cuda_variants, plans
 
     tokens_list = list(args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS))
@@ -213,6 +213,13 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
         m.failures.append(f"host overhead: {type(error).__name__}: {error}")
         host = []
 
+    try:
+        card_gbs = copy_bandwidth_gbs(device)
+    except Exception as error:  # noqa: BLE001 - e.g. no free GiB: the table says "not measured"
+        m.failures.append(f"copy bandwidth: {type(error).__name__}: {error}")
+        card_gbs = None
+    moved = {t: 2 * w.ids[0].numel() * w.ids[0].element_size() + 8 * setup.num_physical for t, w in work.items()}
+
     header = (f"{gpu}; torch {torch.__version__}; Triton {triton.__version__}; {stamp}; "
               f"{args.layers} layers in one CUDA graph, median of {repeats} x {replays} replays; "
               f"{args.num_logical}+{args.num_redundant} experts, top-{args.top_k}, EP {args.ep_size}, "
@@ -221,6 +228,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
         f"## Results (µs per MoE layer; goals use `{topk}`)", report.results_table(medians, reference, topk),
         "\n## Topk-path variants (µs per layer, explicit launchers)", report.variant_table(medians, variant_names),
         "", *plan_lines,
+        "\n## Achieved bandwidth (per layer, one launch each)", report.bandwidth_table(medians, moved, card_gbs),
         "\n## Goals", *report.goals(medians, tokens_list, reference, topk, crossover, host),
         "\n## Eager host cost per call (GPU kept busy; median of rounds)", report.host_table(host),
     ])

@@ -11,7 +11,8 @@ the count kinds also take the backend's counts and the rank's first expert.
   with ``num_unpadded`` (padded rows come back -1), then ``record_counts``:
   two kernels;
 - ``counts``: the count kernel alone; ``floor``: a one-element add, the
-  cheapest kernel a graph can hold.
+  cheapest kernel a graph can hold; ``copy``: ``out.copy_(ids)``, the
+  cheapest kernel that moves the topk path's bytes (ids in, ids out).
 
 Nothing here reads or writes library state: a variant is launched by name.
 """
@@ -32,7 +33,7 @@ VARIANT_PREFIX = "variant:"  # + a plan variant name: "variant:triton", "variant
 @dataclass
 class Impl:
     name: str
-    kind: str  # "map_record", "map_only", "counts", "count_path", "floor"
+    kind: str  # "map_record", "map_only", "counts", "count_path", "floor", "copy"
     fn: Callable | None
 
 
@@ -104,13 +105,14 @@ def base_impls(vllm_fn, *, topk: bool) -> list[Impl]:
                                                                                      call.gate)),
         Impl("count_path", "count_path", count_path),
         Impl("floor", "floor", None),
+        Impl("copy", "copy", None),
     ]
     return impls
 
 
 def check_impl(impl: Impl, setup: Setup, work: Workload, expected: list[Expected]) -> str | None:
     """None if ``impl`` matches the reference in every expected case, else what differs."""
-    if impl.kind == "floor":
+    if impl.kind in ("floor", "copy"):
         return None
     device = work.ids.device
     for case in expected:
@@ -154,6 +156,8 @@ def layer_call(impl: Impl, setup: Setup, work: Workload) -> Callable[[int], obje
     """``call(layer)``: the implementation on that layer's inputs (built once, outside any capture)."""
     if impl.kind == "floor":
         return lambda layer: setup.floor_cells[layer].add_(1)
+    if impl.kind == "copy":
+        return lambda layer: work.outs[layer].copy_(work.ids[layer])
     calls = [
         KernelCall(work.ids[layer], setup.l2p[layer], setup.replica_count[layer], work.outs[layer],
                    load=None if impl.kind == "map_only" else work.loads[layer],

@@ -47,7 +47,7 @@ def variant_name(call: KernelCall) -> str:
     """The variant the plan names for this call (before the support check)."""
     if not call.records:
         return "direct"
-    return plan_for_index(call.ids.device.index).topk_variant(call.ids.numel())
+    return plan_for_index(call.ids.get_device()).topk_variant(call.ids.numel())
 
 
 def choose(call: KernelCall) -> Launcher:

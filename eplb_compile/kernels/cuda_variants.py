@@ -11,6 +11,11 @@ kernel plan can select live here; retired ones are described in NOTES.md.
 - ``hist*``: a block-private histogram in shared memory, flushed with one
   global atomic per non-zero bin per block, so a hot expert sees about one
   global atomic per block instead of one per token.
+- ``cluster*`` (sm_90 and later): the same histograms, added over
+  distributed shared memory into the first block of each cluster of
+  ``CLUSTER_SIZE`` blocks, which alone adds to the load: one global atomic
+  per bin per cluster. The load's few cache lines are where the blocks'
+  flushes queue at large T.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ from eplb_compile.kernels.call import KernelCall
 
 _ID_C_TYPES = {torch.int8: "signed char", torch.int16: "short", torch.int32: "int", torch.int64: "long long"}
 _MAX_INT32 = 2**31 - 1
-_KERNEL_NAMES = ("eplb_map_record_direct", "eplb_map_record_hist_e1", "eplb_map_record_hist_e4")
+_KERNEL_NAMES = (
+    "eplb_map_record_direct", "eplb_map_record_hist_e1", "eplb_map_record_hist_e4",
+    "eplb_map_record_cluster_e1", "eplb_map_record_cluster_e4",
+)
+CLUSTER_SIZE = 8  # CLUSTER in eplb_topk.cu: the grid is a multiple of it
 
 
 @functools.cache
@@ -36,13 +45,20 @@ def kernel_source(id_dtype: torch.dtype, k: int) -> str:
     return f"#define ID_T {_ID_C_TYPES[id_dtype]}\n#define K {int(k)}\n{body}"
 
 
+_functions: dict[tuple[int, torch.dtype, int], dict[str, int]] = {}
+
+
 def compiled_functions(call: KernelCall) -> dict[str, int]:
     """The kernels' handles for this call's device, id dtype and k (compiled on first use).
 
     Raises RuntimeError if NVRTC or the driver fails.
     """
     ids = call.ids
-    return nvrtc.compile_functions(ids.device.index, kernel_source(ids.dtype, ids.shape[1]), _KERNEL_NAMES)
+    key = (ids.get_device(), ids.dtype, ids.shape[1])
+    found = _functions.get(key)  # one dict lookup per eager call once compiled
+    if found is None:
+        found = _functions[key] = nvrtc.compile_functions(key[0], kernel_source(key[1], key[2]), _KERNEL_NAMES)
+    return found
 
 
 def _takes(call: KernelCall) -> bool:
@@ -73,6 +89,7 @@ class CudaVariant:
     elements_per_thread: int
     blocks_per_sm: float | None  # grid cap = SMs * this; None: one element per thread, no cap
     histogram: bool  # needs num_physical ints of shared memory, and a load to count into
+    cluster: bool = False  # thread-block clusters of CLUSTER_SIZE: compute capability 9.0 or later
 
     def shared_bytes(self, call: KernelCall) -> int:
         return 4 * call.load.shape[0] if self.histogram else 0
@@ -82,7 +99,10 @@ class CudaVariant:
             return False
         if not self.histogram:
             return True
-        return call.records and self.shared_bytes(call) <= nvrtc.device_limits(call.ids.device.index)[1]
+        index = call.ids.get_device()
+        if self.cluster and nvrtc.device_capability(index) < (9, 0):
+            return False
+        return call.records and self.shared_bytes(call) <= nvrtc.device_limits(index)[1]
 
     def launch(self, call: KernelCall) -> None:
         """Run on ``call``; ValueError, launching nothing, where ``supports(call)`` is False."""
@@ -95,13 +115,19 @@ class CudaVariant:
         numel = call.ids.numel()
         if numel == 0:
             return  # a grid of zero blocks is not a valid launch
-        device_index = call.ids.device.index
+        device_index = call.ids.get_device()
         function = compiled_functions(call)[self.kernel]
         shared = self.shared_bytes(call)
         nvrtc.allow_dynamic_shared_memory(function, shared)
         blocks = -(-numel // (self.threads * self.elements_per_thread))
+        cap = None
         if self.blocks_per_sm is not None:
-            blocks = min(blocks, max(1, int(nvrtc.device_limits(device_index)[0] * self.blocks_per_sm)))
+            cap = max(1, int(nvrtc.device_limits(device_index)[0] * self.blocks_per_sm))
+        if self.cluster:  # whole clusters: the need rounded up (spare blocks count nothing), the cap down
+            blocks = -(-blocks // CLUSTER_SIZE) * CLUSTER_SIZE
+            cap = None if cap is None else max(CLUSTER_SIZE, cap - cap % CLUSTER_SIZE)
+        if cap is not None:
+            blocks = min(blocks, cap)
         nvrtc.launch(device_index, function, blocks, self.threads, shared, call.cuda_params())
 
 
@@ -112,5 +138,9 @@ VARIANTS: dict[str, CudaVariant] = {
         CudaVariant("hist_e1", "eplb_map_record_hist_e1", 256, 1, 2.0, histogram=True),
         CudaVariant("hist", "eplb_map_record_hist_e4", 256, 4, 2.0, histogram=True),
         CudaVariant("hist_wide", "eplb_map_record_hist_e4", 512, 4, 1.0, histogram=True),
+        CudaVariant("cluster_e1", "eplb_map_record_cluster_e1", 256, 1, 2.0, histogram=True, cluster=True),
+        CudaVariant("cluster_1k", "eplb_map_record_cluster_e1", 1024, 1, 2.0, histogram=True, cluster=True),
+        CudaVariant("cluster", "eplb_map_record_cluster_e4", 256, 4, 2.0, histogram=True, cluster=True),
+        CudaVariant("cluster_wide", "eplb_map_record_cluster_e4", 512, 4, 1.0, histogram=True, cluster=True),
     )
 }

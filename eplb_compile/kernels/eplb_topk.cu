@@ -78,6 +78,61 @@ extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_direct(EPLB_K
         atomicAdd(load + physical, 1);
 }
 
+// Thread-block clusters (sm_90+): the cluster variants' CLUSTER blocks add
+// their histograms into the first block's over distributed shared memory,
+// and only that block adds to the load. The load is ~288 ints on a handful
+// of cache lines, where same-address global atomics queue in L2: one global
+// atomic per bin per cluster instead of per block is what the flush saves.
+// Raw PTX (mapa, red.shared::cluster, barrier.cluster): no headers needed.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define EPLB_HAS_CLUSTERS 1
+#define CLUSTER 8
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+}
+#endif
+
+template <bool Cluster>
+__device__ __forceinline__ void cluster_or_block_sync() {
+#ifdef EPLB_HAS_CLUSTERS
+    if (Cluster) {
+        cluster_sync();  // every block's histogram zeroed before any block adds into the leader's
+        return;
+    }
+#endif
+    __syncthreads();
+}
+
+// After the block's own barrier: blocks other than the leader add their
+// non-zero bins into the leader's histogram; a cluster barrier; the leader
+// flushes. Every block of a cluster reaches the second barrier (the gate is
+// grid-uniform), so no block waits for one that skipped it.
+__device__ __forceinline__ void flush_to_cluster_leader(int* hist, int* __restrict__ load, int num_physical) {
+#ifdef EPLB_HAS_CLUSTERS
+    const u32 rank = cluster_rank();
+    if (rank != 0) {
+        const u32 local = (u32)__cvta_generic_to_shared(hist);
+        u32 leader;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(leader) : "r"(local));
+        for (int b = threadIdx.x; b < num_physical; b += blockDim.x) {
+            const int c = hist[b];
+            if (c != 0) asm volatile("red.shared::cluster.add.u32 [%0], %1;" ::"r"(leader + 4u * b), "r"(c) : "memory");
+        }
+    }
+    cluster_sync();
+    if (rank == 0)
+        for (int b = threadIdx.x; b < num_physical; b += blockDim.x) {
+            const int c = hist[b];
+            if (c != 0) atomicAdd(load + b, c);
+        }
+#endif
+}
+
 // Block-private histogram in shared memory (num_physical ints). Each element
 // reads its replica count and map entry from global memory (small tables,
 // L1/L2-resident) as the direct kernel does; only the counting goes through
@@ -85,7 +140,11 @@ extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_direct(EPLB_K
 // The element loop runs in phases (load EPT ids; EPT predicated count loads;
 // EPT predicated map loads; stores and counts) so each phase's EPT loads are
 // in flight together instead of forming one dependent chain per element.
-template <int EPT>
+// The first chunk's ids, the gate and num_unpadded are loaded before the
+// histogram is zeroed, so their latency overlaps the set-up and the barrier;
+// the histogram is zeroed whatever the gate says, so the zeroing never waits
+// for it. FlushToLeader is the cluster variant's flush (below).
+template <int EPT, bool Cluster>
 __device__ __forceinline__ void map_record_hist(EPLB_KERNEL_PARAMS) {
     extern __shared__ __align__(16) unsigned char smem[];
     int* hist = (int*)smem;
@@ -93,23 +152,24 @@ __device__ __forceinline__ void map_record_hist(EPLB_KERNEL_PARAMS) {
     const u32 nthreads = blockDim.x;
     const u32 chunk = nthreads * EPT;
     const u32 grid_stride = gridDim.x * chunk;
-    const bool record = *record_enabled != 0;  // block-uniform
+    u32 base = blockIdx.x * chunk;
+    int e[EPT];
+#pragma unroll
+    for (int j = 0; j < EPT; ++j) {
+        const u32 i = base + j * nthreads + tid;
+        e[j] = i < numel ? (int)ids[i] : 0;  // vLLM reads the ids as int32
+    }
+    const bool record = *record_enabled != 0;  // grid-uniform
     const u32 limit = record_limit(num_unpadded, numel);
-    if (record)
-        for (int b = tid; b < num_physical; b += nthreads) hist[b] = 0;
-    __syncthreads();
+    for (int b = tid; b < num_physical; b += nthreads) hist[b] = 0;
+    cluster_or_block_sync<Cluster>();
 
     // base < numel < 2^31 and grid_stride < 2^31 + chunk: base += grid_stride never wraps.
-    for (u32 base = blockIdx.x * chunk; base < numel; base += grid_stride) {
-        int e[EPT];
+    for (; base < numel; base += grid_stride) {
         bool valid[EPT];
         i64 count[EPT];
 #pragma unroll
-        for (int j = 0; j < EPT; ++j) {
-            const u32 i = base + j * nthreads + tid;
-            e[j] = i < numel ? (int)ids[i] : 0;  // vLLM reads the ids as int32
-            valid[j] = i < numel && (u32)e[j] < (u32)num_logical;
-        }
+        for (int j = 0; j < EPT; ++j) valid[j] = base + j * nthreads + tid < numel && (u32)e[j] < (u32)num_logical;
         if (rc_is_int64) {  // uniform
 #pragma unroll
             for (int j = 0; j < EPT; ++j) count[j] = valid[j] ? ((const i64*)rc)[e[j] * rc_stride] : 1;
@@ -132,23 +192,48 @@ __device__ __forceinline__ void map_record_hist(EPLB_KERNEL_PARAMS) {
                     atomicAdd(hist + physical[j], 1);
             }
         }
+        const u32 next = base + grid_stride;  // the next chunk's ids, loaded before this chunk's stores retire
+#pragma unroll
+        for (int j = 0; j < EPT; ++j) {
+            const u32 i = next + j * nthreads + tid;
+            e[j] = next < numel && i < numel ? (int)ids[i] : 0;
+        }
     }
 
     if (record) {
         __syncthreads();
-        for (int b = tid; b < num_physical; b += nthreads) {
-            const int c = hist[b];
-            if (c != 0) atomicAdd(load + b, c);
+        if (Cluster) {
+            flush_to_cluster_leader(hist, load, num_physical);
+        } else {
+            for (int b = tid; b < num_physical; b += nthreads) {
+                const int c = hist[b];
+                if (c != 0) atomicAdd(load + b, c);
+            }
         }
     }
 }
 
+#define HIST_ARGS ids, out, rc, rc_is_int64, rc_stride, l2p, l2p_stride_e, l2p_stride_s, num_logical, slots, \
+                  load, num_physical, record_enabled, num_unpadded, numel
+
 extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_hist_e1(EPLB_KERNEL_PARAMS) {
-    map_record_hist<1>(ids, out, rc, rc_is_int64, rc_stride, l2p, l2p_stride_e, l2p_stride_s, num_logical, slots,
-                       load, num_physical, record_enabled, num_unpadded, numel);
+    map_record_hist<1, false>(HIST_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_hist_e4(EPLB_KERNEL_PARAMS) {
-    map_record_hist<4>(ids, out, rc, rc_is_int64, rc_stride, l2p, l2p_stride_e, l2p_stride_s, num_logical, slots,
-                       load, num_physical, record_enabled, num_unpadded, numel);
+    map_record_hist<4, false>(HIST_ARGS);
 }
+
+// The cluster kernels exist on every card (NVRTC looks them up by name) but
+// have a body only from sm_90; the host launches them only there.
+#ifdef EPLB_HAS_CLUSTERS
+#define CLUSTER_KERNEL(name, ept)                                                                     \
+    extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(1024) name(EPLB_KERNEL_PARAMS) { \
+        map_record_hist<ept, true>(HIST_ARGS);                                                        \
+    }
+#else
+#define CLUSTER_KERNEL(name, ept) \
+    extern "C" __global__ void name(EPLB_KERNEL_PARAMS) {}
+#endif
+CLUSTER_KERNEL(eplb_map_record_cluster_e1, 1)
+CLUSTER_KERNEL(eplb_map_record_cluster_e4, 4)

@@ -17,7 +17,6 @@ from torch.library import wrap_triton
 from eplb_compile.kernels.call import KernelCall
 
 MAP_BLOCK_SIZE = 256  # vLLM 0.33.0's choice; the map is latency-bound anyway.
-COUNTS_BLOCK_SIZE = 1024
 
 
 @triton.jit
@@ -81,29 +80,6 @@ def _map_and_record_kernel(
         tl.atomic_add(load_ptr + tl.where(record, physical, 0), 1, mask=record, sem="relaxed")
 
 
-@triton.jit
-def _record_counts_kernel(
-    load_ptr,
-    counts_ptr,
-    record_enabled_ptr,
-    start,
-    n,
-    counts_stride,
-    BLOCK_SIZE: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    in_range = offs < n
-    # The loads do not wait for the gate (one memory round trip, not two);
-    # the gate, read on the device so CUDA graphs replay it without
-    # re-capture, only masks the store.
-    counts = tl.load(counts_ptr + offs * counts_stride, mask=in_range, other=0)
-    current = tl.load(load_ptr + start + offs, mask=in_range, other=0)
-    enabled = tl.load(record_enabled_ptr) != 0
-    # Each element is owned by one thread and the slice is disjoint: a plain
-    # read-modify-write is exact and cheaper than atomics.
-    tl.store(load_ptr + start + offs, current + counts, mask=in_range & enabled)
-
-
 def launch_map(call: KernelCall, *, traced: bool = False) -> None:
     """Map ``call.ids`` into ``call.out``; count into ``call.load`` when the call has one."""
     ids, l2p = call.ids, call.l2p
@@ -135,28 +111,4 @@ def launch_map(call: KernelCall, *, traced: bool = False) -> None:
         RECORD=record,
         HAS_NUM_UNPADDED=call.num_unpadded is not None,
         BLOCK_SIZE=MAP_BLOCK_SIZE,
-    )
-
-
-def launch_record_counts(
-    expert_load_view: torch.Tensor,
-    counts: torch.Tensor,
-    start: int,
-    record_enabled: torch.Tensor,
-    *,
-    traced: bool = False,
-) -> None:
-    """``load[start:start+n] += counts`` when the gate is set: one kernel."""
-    n = counts.shape[0]
-    if not traced and n == 0:
-        return
-    kernel = wrap_triton(_record_counts_kernel) if traced else _record_counts_kernel
-    kernel[(triton.cdiv(n, COUNTS_BLOCK_SIZE),)](
-        expert_load_view,
-        counts,
-        record_enabled,
-        start,
-        n,
-        counts.stride(0),
-        BLOCK_SIZE=COUNTS_BLOCK_SIZE,
     )

@@ -23,7 +23,10 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from eplb_compile.ops import _torch_impl
-from eplb_compile.ops._torch_compat import user_kernel_mutating_offset_view_is_miscompiled
+from eplb_compile.ops._torch_compat import (
+    nothing_intercepts_eager_calls,
+    user_kernel_mutating_offset_view_is_miscompiled,
+)
 from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, RECORD_COUNTS
 
 NAMESPACE = "eplb_compile"
@@ -33,7 +36,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 @functools.cache
 def _gpu_kernels():
-    """(KernelCall, choose, triton_kernels), imported on the first CUDA call."""
+    """(KernelCall, choose, triton_kernels), imported on the first CUDA call (one cache lookup after)."""
     from eplb_compile.kernels import triton_kernels
     from eplb_compile.kernels.call import KernelCall
     from eplb_compile.kernels.chooser import choose
@@ -43,6 +46,21 @@ def _gpu_kernels():
 
 def _on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and HAS_TRITON
+
+
+def runs_on_cuda_directly(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the dispatcher would run the CUDA implementation with nothing in
+    between: a plain CUDA tensor first (the dispatcher picks CUDA whenever one
+    argument is on CUDA; the implementation validates the others' devices),
+    every tensor a plain ``torch.Tensor`` (no subclass to dispatch on), and no
+    mode or tracer active. The public wrappers then call the ``*_cuda``
+    functions below themselves: the same code, minus the dispatcher's cost."""
+    if not (HAS_TRITON and nothing_intercepts_eager_calls() and type(first) is torch.Tensor and first.is_cuda):
+        return False
+    for t in others:
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    return True
 
 
 def _register(name: str, cpu, cuda, fake, decomposition) -> None:
@@ -81,11 +99,14 @@ def _map_and_record_cpu(ids, l2p, rc, load, gate, unpadded=None):
     return _torch_impl.map_and_record(ids, l2p, rc, load, gate, unpadded)
 
 
-def _map_and_record_cuda(ids, l2p, rc, load, gate, unpadded=None):
+def map_and_record_cuda(ids, l2p, rc, load, gate, unpadded=None):
     MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
     KernelCall, choose, _ = _gpu_kernels()
-    call = KernelCall(ids, l2p, rc, torch.empty(ids.shape, dtype=ids.dtype, device=ids.device), load, gate, unpadded)
+    call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), load, gate, unpadded)
     choose(call)(call)
+    # The kernel writes through a pointer; bump the version as the dispatcher
+    # does for a Tensor(a!) argument, so a direct call is indistinguishable.
+    torch.autograd.graph.increment_version(load)
     return call.out
 
 
@@ -111,7 +132,7 @@ def _map_and_record_traced(ids, l2p, rc, load, gate, unpadded=None):
     return out
 
 
-_register("map_and_record", _map_and_record_cpu, _map_and_record_cuda, _map_and_record_fake, _map_and_record_traced)
+_register("map_and_record", _map_and_record_cpu, map_and_record_cuda, _map_and_record_fake, _map_and_record_traced)
 
 # --------------------------------------------------------------------------
 # map_only: the mapping alone; rows at or past num_unpadded_tokens come back -1.
@@ -128,10 +149,11 @@ def _map_only_cpu(ids, l2p, rc, unpadded=None):
     return _torch_impl.map_only(ids, l2p, rc, unpadded)
 
 
-def _map_only_cuda(ids, l2p, rc, unpadded=None):
+def map_only_cuda(ids, l2p, rc, unpadded=None):
     MAP_ONLY.validate(ids, l2p, rc, unpadded)
     KernelCall, choose, _ = _gpu_kernels()
-    call = KernelCall(ids, l2p, rc, torch.empty(ids.shape, dtype=ids.dtype, device=ids.device), num_unpadded=unpadded)
+    call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), None, None,
+                      unpadded)
     choose(call)(call)
     return call.out
 
@@ -151,7 +173,7 @@ def _map_only_traced(ids, l2p, rc, unpadded=None):
     return out
 
 
-_register("map_only", _map_only_cpu, _map_only_cuda, _map_only_fake, _map_only_traced)
+_register("map_only", _map_only_cpu, map_only_cuda, _map_only_fake, _map_only_traced)
 
 # --------------------------------------------------------------------------
 # record_counts. `start` is a SymInt so another EP rank reuses the same graph.
@@ -167,9 +189,11 @@ def _record_counts_cpu(load, counts, start, gate):
     _torch_impl.record_counts(load, counts, start, gate)
 
 
-def _record_counts_cuda(load, counts, start, gate):
+def record_counts_cuda(load, counts, start, gate):
     RECORD_COUNTS.validate(load, counts, start, gate)
-    _gpu_kernels()[2].launch_record_counts(load, counts, start, gate)
+    # One elementwise kernel (load += counts * gate, gate read on the device):
+    # one torch op's host cost, where a Triton launch costs two to three.
+    load[start : start + counts.shape[0]].addcmul_(counts, gate)
 
 
 def _record_counts_fake(load, counts, start, gate):
@@ -183,4 +207,4 @@ def _record_counts_traced(load, counts, start, gate):
     _torch_impl.record_counts(load, counts, start, gate)
 
 
-_register("record_counts", _record_counts_cpu, _record_counts_cuda, _record_counts_fake, _record_counts_traced)
+_register("record_counts", _record_counts_cpu, record_counts_cuda, _record_counts_fake, _record_counts_traced)
