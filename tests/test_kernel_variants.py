@@ -9,6 +9,7 @@ in the benchmark, never here.
 from __future__ import annotations
 
 import random
+import warnings
 import zlib
 
 import pytest
@@ -261,3 +262,29 @@ def test_shipped_plan_of_this_card():
     """The running card's plan loads, and names only live variants."""
     plan = plans.plan_for_device(torch.device("cuda"))
     assert {name for _, name in plan.topk_plan} <= {"triton", *VARIANT_NAMES}
+
+
+def test_build_failure_latches_to_triton_and_torch(monkeypatch):
+    """If NVRTC cannot build the kernels: one warning, then the topk path runs
+    Triton and record_counts one torch op, both still exact."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("compiling CUDA kernels with NVRTC failed: planted")
+
+    monkeypatch.setattr(cuda_variants, "compiled_functions", fail)
+    monkeypatch.setattr(cuda_variants, "count_function", fail)
+    monkeypatch.setattr(chooser, "_cuda_failure", None)
+    ids, l2p, replica_count, load = _random_inputs(_seed("latch"), 300, 8, 40, 4, 60, torch.int32, torch.int64)
+    with pytest.warns(UserWarning, match="planted"):
+        _assert_exact(chooser.choose(KernelCall(ids, l2p, replica_count, torch.empty_like(ids), load,
+                                                torch.tensor(True, device="cuda"))),
+                      ids, l2p, replica_count, load, True, None)
+    assert chooser.cuda_failure() is not None
+    counts = torch.randint(0, 50, (12,), dtype=torch.int32, device="cuda")
+    got = load.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # latched: no second warning
+        chooser.record_counts(got, counts, 7, torch.tensor(True, device="cuda"))
+    want = load.clone()
+    want[7:19] += counts
+    assert torch.equal(got, want)

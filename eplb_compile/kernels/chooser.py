@@ -1,11 +1,12 @@
-"""Which kernel runs an eager CUDA topk call: the one place that decides.
+"""Which kernel runs an eager CUDA call: the one place that decides.
 
 ``choose(call)`` reads the card's plan (``plans.py``, once per device), asks
 the planned CUDA variant whether it takes the call, and otherwise returns the
 Triton launcher. map_only calls run the ``direct`` kernel (its launch costs
 less host time than Triton's). If the CUDA kernels cannot be built (no NVRTC,
 a driver error), the process warns once and stays on Triton: that is the one
-failure latch; variants themselves never fall back.
+failure latch; variants themselves never fall back. ``record_counts`` runs
+the NVRTC count kernel, or behind the same latch one torch op.
 """
 
 from __future__ import annotations
@@ -66,3 +67,20 @@ def choose(call: KernelCall) -> Launcher:
         warnings.warn(f"eplb_compile: CUDA topk kernels unavailable, using Triton: {error}", stacklevel=3)
         return launch_map
     return variant.launch_supported
+
+
+def record_counts(load, counts, start: int, gate) -> None:
+    """Eager CUDA ``load[start:start+n] += counts`` when ``gate``, on validated tensors:
+    the NVRTC count kernel; where CUDA kernels cannot be built, ``addcmul_`` (one
+    torch kernel, gate read on the device)."""
+    global _cuda_failure
+    if _cuda_failure is None:
+        try:
+            function = cuda_variants.count_function(load.get_device())
+        except RuntimeError as error:
+            _cuda_failure = error
+            warnings.warn(f"eplb_compile: CUDA kernels unavailable, using torch: {error}", stacklevel=3)
+        else:
+            cuda_variants.launch_record_counts(function, load, counts, start, gate)
+            return
+    load[start : start + counts.shape[0]].addcmul_(counts, gate)

@@ -32,7 +32,7 @@ from eplb_compile.kernels.call import KernelCall
 _ID_C_TYPES = {torch.int8: "signed char", torch.int16: "short", torch.int32: "int", torch.int64: "long long"}
 _MAX_INT32 = 2**31 - 1
 _KERNEL_NAMES = (
-    "eplb_map_record_direct", "eplb_map_record_hist_e1", "eplb_map_record_hist_e4",
+    "eplb_map_record_direct", "eplb_map_record_warp", "eplb_map_record_hist_e1", "eplb_map_record_hist_e4",
     "eplb_map_record_cluster_e1", "eplb_map_record_cluster_e4",
 )
 CLUSTER_SIZE = 8  # CLUSTER in eplb_topk.cu: the grid is a multiple of it
@@ -59,6 +59,34 @@ def compiled_functions(call: KernelCall) -> dict[str, int]:
     if found is None:
         found = _functions[key] = nvrtc.compile_functions(key[0], kernel_source(key[1], key[2]), _KERNEL_NAMES)
     return found
+
+
+COUNT_KERNEL = "eplb_record_counts"
+COUNT_THREADS = 256
+
+
+def count_function(device_index: int) -> int:
+    """The count kernel's handle on this device (``eplb_counts.cu``, compiled on first use).
+
+    Raises RuntimeError if NVRTC or the driver fails.
+    """
+    source = _count_source()
+    return nvrtc.compile_functions(device_index, source, (COUNT_KERNEL,))[COUNT_KERNEL]
+
+
+@functools.cache
+def _count_source() -> str:
+    return resources.files("eplb_compile.kernels").joinpath("eplb_counts.cu").read_text()
+
+
+def launch_record_counts(function: int, load: torch.Tensor, counts: torch.Tensor, start: int,
+                         gate: torch.Tensor) -> None:
+    """``load[start:start+n] += counts`` when ``gate``, on validated tensors (int32 load and counts, bool gate)."""
+    n = counts.shape[0]
+    if n == 0:
+        return
+    params = [load.data_ptr() + 4 * start, counts.data_ptr(), counts.stride(0), gate.data_ptr(), n]
+    nvrtc.launch(load.get_device(), function, -(-n // COUNT_THREADS), COUNT_THREADS, 0, params)
 
 
 def _takes(call: KernelCall) -> bool:
@@ -90,15 +118,23 @@ class CudaVariant:
     blocks_per_sm: float | None  # grid cap = SMs * this; None: one element per thread, no cap
     histogram: bool  # needs num_physical ints of shared memory, and a load to count into
     cluster: bool = False  # thread-block clusters of CLUSTER_SIZE: compute capability 9.0 or later
+    warp_copies: bool = False  # one histogram per warp, as many as fit (the kernel derives the count)
+    records_only: bool = False  # the kernel always counts: no map_only calls
 
     def shared_bytes(self, call: KernelCall) -> int:
-        return 4 * call.load.shape[0] if self.histogram else 0
+        if not self.histogram:
+            return 0
+        one = 4 * call.load.shape[0]
+        if not self.warp_copies or one == 0:
+            return one
+        fit = nvrtc.device_limits(call.ids.get_device())[1] // one
+        return one * max(1, min(self.threads // 32, fit))
 
     def supports(self, call: KernelCall) -> bool:
         if not _takes(call):
             return False
         if not self.histogram:
-            return True
+            return call.records or not self.records_only
         index = call.ids.get_device()
         if self.cluster and nvrtc.device_capability(index) < (9, 0):
             return False
@@ -135,9 +171,16 @@ VARIANTS: dict[str, CudaVariant] = {
     v.name: v
     for v in (
         CudaVariant("direct", "eplb_map_record_direct", 256, 1, None, histogram=False),
+        CudaVariant("warp", "eplb_map_record_warp", 256, 1, None, histogram=False, records_only=True),
         CudaVariant("hist_e1", "eplb_map_record_hist_e1", 256, 1, 2.0, histogram=True),
         CudaVariant("hist", "eplb_map_record_hist_e4", 256, 4, 2.0, histogram=True),
         CudaVariant("hist_wide", "eplb_map_record_hist_e4", 512, 4, 1.0, histogram=True),
+        CudaVariant("hist_e1_w", "eplb_map_record_hist_e1", 256, 1, 2.0, histogram=True, warp_copies=True),
+        CudaVariant("hist_w", "eplb_map_record_hist_e4", 256, 4, 2.0, histogram=True, warp_copies=True),
+        CudaVariant("hist_wide_w", "eplb_map_record_hist_e4", 512, 4, 1.0, histogram=True, warp_copies=True),
+        CudaVariant("hist_1k_w", "eplb_map_record_hist_e1", 1024, 1, 2.0, histogram=True, warp_copies=True),
+        CudaVariant("cluster_w", "eplb_map_record_cluster_e4", 256, 4, 2.0, histogram=True, cluster=True,
+                    warp_copies=True),
         CudaVariant("cluster_e1", "eplb_map_record_cluster_e1", 256, 1, 2.0, histogram=True, cluster=True),
         CudaVariant("cluster_1k", "eplb_map_record_cluster_e1", 1024, 1, 2.0, histogram=True, cluster=True),
         CudaVariant("cluster", "eplb_map_record_cluster_e4", 256, 4, 2.0, histogram=True, cluster=True),

@@ -36,12 +36,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 @functools.cache
 def _gpu_kernels():
-    """(KernelCall, choose, triton_kernels), imported on the first CUDA call (one cache lookup after)."""
-    from eplb_compile.kernels import triton_kernels
+    """(KernelCall, chooser, triton_kernels), imported on the first CUDA call (one cache lookup after)."""
+    from eplb_compile.kernels import chooser, triton_kernels
     from eplb_compile.kernels.call import KernelCall
-    from eplb_compile.kernels.chooser import choose
 
-    return KernelCall, choose, triton_kernels
+    return KernelCall, chooser, triton_kernels
 
 
 def _on_cuda(t: torch.Tensor) -> bool:
@@ -101,9 +100,9 @@ def _map_and_record_cpu(ids, l2p, rc, load, gate, unpadded=None):
 
 def map_and_record_cuda(ids, l2p, rc, load, gate, unpadded=None):
     MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
-    KernelCall, choose, _ = _gpu_kernels()
+    KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), load, gate, unpadded)
-    choose(call)(call)
+    chooser.choose(call)(call)
     # The kernel writes through a pointer; bump the version as the dispatcher
     # does for a Tensor(a!) argument, so a direct call is indistinguishable.
     torch.autograd.graph.increment_version(load)
@@ -151,10 +150,10 @@ def _map_only_cpu(ids, l2p, rc, unpadded=None):
 
 def map_only_cuda(ids, l2p, rc, unpadded=None):
     MAP_ONLY.validate(ids, l2p, rc, unpadded)
-    KernelCall, choose, _ = _gpu_kernels()
+    KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), None, None,
                       unpadded)
-    choose(call)(call)
+    chooser.choose(call)(call)
     return call.out
 
 
@@ -191,9 +190,10 @@ def _record_counts_cpu(load, counts, start, gate):
 
 def record_counts_cuda(load, counts, start, gate):
     RECORD_COUNTS.validate(load, counts, start, gate)
-    # One elementwise kernel (load += counts * gate, gate read on the device):
-    # one torch op's host cost, where a Triton launch costs two to three.
-    load[start : start + counts.shape[0]].addcmul_(counts, gate)
+    _gpu_kernels()[1].record_counts(load, counts, start, gate)
+    # The kernel writes through a pointer; bump the version as the dispatcher
+    # does for a Tensor(a!) argument (and as the torch fallback's add does).
+    torch.autograd.graph.increment_version(load)
 
 
 def _record_counts_fake(load, counts, start, gate):

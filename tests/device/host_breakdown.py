@@ -1,0 +1,77 @@
+"""Where an eager map_and_record call spends its host time, piece by piece.
+
+    python3 tests/device/host_breakdown.py [--tokens 1]
+
+Each piece runs alone in a loop while a sleep kernel keeps the GPU busy (so
+launches only queue), median of rounds: the bench's host measurement. The
+pieces are the steps of ``eplb_compile.map_and_record`` on a CUDA call, in
+order; their sum is close to the whole call, but not equal (caches, branch
+history). For profiling the eager path; the bench's host table is the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import eplb_compile
+from eplb_compile.bench.timing import host_overhead_us
+from eplb_compile.kernels import chooser, cuda_variants, nvrtc
+from eplb_compile.kernels.call import KernelCall
+from eplb_compile.ops import _library
+from eplb_compile.ops._validation import MAP_AND_RECORD
+
+
+def per_call_us(fn) -> float:
+    return host_overhead_us(fn, calls=100, rounds=15)  # the bench's host measurement
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=1)
+    args = parser.parse_args()
+    dev = "cuda"
+    ids = torch.randint(0, 256, (args.tokens, 8), dtype=torch.int32, device=dev)
+    l2p = torch.full((256, 1024), -1, dtype=torch.int64, device=dev)
+    l2p[:, 0] = torch.arange(256, device=dev)
+    rc = torch.ones(256, dtype=torch.int32, device=dev)
+    load = torch.zeros(288, dtype=torch.int32, device=dev)
+    gate = torch.tensor(True, device=dev)
+    unpadded = torch.tensor(args.tokens, dtype=torch.int32, device=dev)
+    counts = torch.ones(36, dtype=torch.int32, device=dev)
+    out = torch.empty_like(ids)
+    args6 = (ids, l2p, rc, load, gate, unpadded)
+    call = KernelCall(ids, l2p, rc, out, load, gate, unpadded)
+    launcher = chooser.choose(call)
+    variant = cuda_variants.VARIANTS[chooser.variant_name(call)]
+    function = cuda_variants.compiled_functions(call)[variant.kernel]
+    params = call.cuda_params()
+    pieces = [
+        ("whole: eplb_compile.map_and_record", lambda: eplb_compile.map_and_record(*args6)),
+        ("whole: eplb_compile.map_only", lambda: eplb_compile.map_only(ids, l2p, rc)),
+        ("whole: eplb_compile.record_counts", lambda: eplb_compile.record_counts(load, counts, 0, gate)),
+        ("record_counts: chooser.record_counts", lambda: chooser.record_counts(load, counts, 0, gate)),
+        ("whole: torch.ops map_and_record", lambda: torch.ops.eplb_compile.map_and_record(*args6)),
+        ("check_types", lambda: MAP_AND_RECORD.check_types(*args6)),
+        ("runs_on_cuda_directly", lambda: _library.runs_on_cuda_directly(*args6)),
+        ("validate", lambda: MAP_AND_RECORD.validate(*args6)),
+        ("empty_like(contiguous)", lambda: torch.empty_like(ids, memory_format=torch.contiguous_format)),
+        ("KernelCall(...)", lambda: KernelCall(ids, l2p, rc, out, load, gate, unpadded)),
+        ("chooser.choose", lambda: chooser.choose(call)),
+        ("launcher(call) (params + launch)", lambda: launcher(call)),
+        ("call.cuda_params()", lambda: call.cuda_params()),
+        ("compiled_functions", lambda: cuda_variants.compiled_functions(call)),
+        ("nvrtc.launch (prepared params)",
+         lambda: nvrtc.launch(0, function, 1, variant.threads, variant.shared_bytes(call), params)),
+        ("increment_version", lambda: torch.autograd.graph.increment_version(load)),
+        ("plain torch slice add", lambda: load[0:36].add_(counts)),
+        ("torch.empty_like(ids)", lambda: torch.empty_like(ids)),
+    ]
+    print(f"T={args.tokens}, variant {variant.name}; µs per call")
+    for name, fn in pieces:
+        print(f"{name:40s} {per_call_us(fn):6.2f}")
+
+
+if __name__ == "__main__":
+    main()
