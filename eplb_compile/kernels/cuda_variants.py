@@ -11,11 +11,6 @@ kernel plan can select live here; retired ones are described in NOTES.md.
 - ``hist*``: a block-private histogram in shared memory, flushed with one
   global atomic per non-zero bin per block, so a hot expert sees about one
   global atomic per block instead of one per token.
-- ``cluster*`` (sm_90 and later): the same histograms, added over
-  distributed shared memory into the first block of each cluster of
-  ``CLUSTER_SIZE`` blocks, which alone adds to the load: one global atomic
-  per bin per cluster. The load's few cache lines are where the blocks'
-  flushes queue at large T.
 """
 
 from __future__ import annotations
@@ -31,11 +26,7 @@ from eplb_compile.kernels.call import KernelCall
 
 _ID_C_TYPES = {torch.int8: "signed char", torch.int16: "short", torch.int32: "int", torch.int64: "long long"}
 _MAX_INT32 = 2**31 - 1
-_KERNEL_NAMES = (
-    "eplb_map_record_direct", "eplb_map_record_warp", "eplb_map_record_hist_e1", "eplb_map_record_hist_e4",
-    "eplb_map_record_cluster_e1", "eplb_map_record_cluster_e4",
-)
-CLUSTER_SIZE = 8  # CLUSTER in eplb_topk.cu: the grid is a multiple of it
+_KERNEL_NAMES = ("eplb_map_record_direct", "eplb_map_record_hist_e1", "eplb_map_record_hist_e4")
 
 
 @functools.cache
@@ -117,28 +108,16 @@ class CudaVariant:
     elements_per_thread: int
     blocks_per_sm: float | None  # grid cap = SMs * this; None: one element per thread, no cap
     histogram: bool  # needs num_physical ints of shared memory, and a load to count into
-    cluster: bool = False  # thread-block clusters of CLUSTER_SIZE: compute capability 9.0 or later
-    warp_copies: bool = False  # one histogram per warp, as many as fit (the kernel derives the count)
-    records_only: bool = False  # the kernel always counts: no map_only calls
 
     def shared_bytes(self, call: KernelCall) -> int:
-        if not self.histogram:
-            return 0
-        one = 4 * call.load.shape[0]
-        if not self.warp_copies or one == 0:
-            return one
-        fit = nvrtc.device_limits(call.ids.get_device())[1] // one
-        return one * max(1, min(self.threads // 32, fit))
+        return 4 * call.load.shape[0] if self.histogram else 0
 
     def supports(self, call: KernelCall) -> bool:
         if not _takes(call):
             return False
         if not self.histogram:
-            return call.records or not self.records_only
-        index = call.ids.get_device()
-        if self.cluster and nvrtc.device_capability(index) < (9, 0):
-            return False
-        return call.records and self.shared_bytes(call) <= nvrtc.device_limits(index)[1]
+            return True
+        return call.records and self.shared_bytes(call) <= nvrtc.device_limits(call.ids.get_device())[1]
 
     def launch(self, call: KernelCall) -> None:
         """Run on ``call``; ValueError, launching nothing, where ``supports(call)`` is False."""
@@ -156,14 +135,8 @@ class CudaVariant:
         shared = self.shared_bytes(call)
         nvrtc.allow_dynamic_shared_memory(function, shared)
         blocks = -(-numel // (self.threads * self.elements_per_thread))
-        cap = None
         if self.blocks_per_sm is not None:
-            cap = max(1, int(nvrtc.device_limits(device_index)[0] * self.blocks_per_sm))
-        if self.cluster:  # whole clusters: the need rounded up (spare blocks count nothing), the cap down
-            blocks = -(-blocks // CLUSTER_SIZE) * CLUSTER_SIZE
-            cap = None if cap is None else max(CLUSTER_SIZE, cap - cap % CLUSTER_SIZE)
-        if cap is not None:
-            blocks = min(blocks, cap)
+            blocks = min(blocks, max(1, int(nvrtc.device_limits(device_index)[0] * self.blocks_per_sm)))
         nvrtc.launch(device_index, function, blocks, self.threads, shared, call.cuda_params())
 
 
@@ -171,19 +144,8 @@ VARIANTS: dict[str, CudaVariant] = {
     v.name: v
     for v in (
         CudaVariant("direct", "eplb_map_record_direct", 256, 1, None, histogram=False),
-        CudaVariant("warp", "eplb_map_record_warp", 256, 1, None, histogram=False, records_only=True),
         CudaVariant("hist_e1", "eplb_map_record_hist_e1", 256, 1, 2.0, histogram=True),
         CudaVariant("hist", "eplb_map_record_hist_e4", 256, 4, 2.0, histogram=True),
         CudaVariant("hist_wide", "eplb_map_record_hist_e4", 512, 4, 1.0, histogram=True),
-        CudaVariant("hist_e1_w", "eplb_map_record_hist_e1", 256, 1, 2.0, histogram=True, warp_copies=True),
-        CudaVariant("hist_w", "eplb_map_record_hist_e4", 256, 4, 2.0, histogram=True, warp_copies=True),
-        CudaVariant("hist_wide_w", "eplb_map_record_hist_e4", 512, 4, 1.0, histogram=True, warp_copies=True),
-        CudaVariant("hist_1k_w", "eplb_map_record_hist_e1", 1024, 1, 2.0, histogram=True, warp_copies=True),
-        CudaVariant("cluster_w", "eplb_map_record_cluster_e4", 256, 4, 2.0, histogram=True, cluster=True,
-                    warp_copies=True),
-        CudaVariant("cluster_e1", "eplb_map_record_cluster_e1", 256, 1, 2.0, histogram=True, cluster=True),
-        CudaVariant("cluster_1k", "eplb_map_record_cluster_e1", 1024, 1, 2.0, histogram=True, cluster=True),
-        CudaVariant("cluster", "eplb_map_record_cluster_e4", 256, 4, 2.0, histogram=True, cluster=True),
-        CudaVariant("cluster_wide", "eplb_map_record_cluster_e4", 512, 4, 1.0, histogram=True, cluster=True),
     )
 }

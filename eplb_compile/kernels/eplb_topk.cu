@@ -78,101 +78,6 @@ extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_direct(EPLB_K
         atomicAdd(load + physical, 1);
 }
 
-// The direct kernel with the atomics combined per warp: lanes that count the
-// same physical expert (__match_any_sync) add once, the lowest lane adding
-// the group's size. With top-k routing a hot expert is in nearly every token,
-// so a warp of 32 / K tokens holds it up to 32 / K times: that many fewer
-// global atomics queue on its address, with no shared memory and no barrier.
-// Recording calls only (map_only uses the direct kernel); every lane reaches
-// the match, so the block size must be a multiple of 32.
-extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_warp(EPLB_KERNEL_PARAMS) {
-    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
-    const bool in_range = i < numel;
-    const int e = in_range ? (int)ids[i] : -1;  // vLLM reads the ids as int32
-    const bool record = *record_enabled != 0;
-    i64 physical = -1;
-    if (in_range && (u32)e < (u32)num_logical)
-        physical = physical_of(i, e, replica_count_at(rc, rc_is_int64, rc_stride, e), l2p, l2p_stride_e,
-                               l2p_stride_s, slots);
-    if (in_range) out[i] = (ID_T)physical;
-    const bool counted =
-        record && in_range && i < record_limit(num_unpadded, numel) && physical >= 0 && physical < num_physical;
-    const int key = counted ? (int)physical : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, key);
-    if (counted && (threadIdx.x & 31u) == (u32)(__ffs(peers) - 1)) atomicAdd(load + physical, __popc(peers));
-}
-
-// Thread-block clusters (sm_90+): the cluster variants' CLUSTER blocks add
-// their histograms into the first block's over distributed shared memory,
-// and only that block adds to the load. The load is ~288 ints on a handful
-// of cache lines, where same-address global atomics queue in L2: one global
-// atomic per bin per cluster instead of per block is what the flush saves.
-// Raw PTX (mapa, red.shared::cluster, barrier.cluster): no headers needed.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define EPLB_HAS_CLUSTERS 1
-#define CLUSTER 8
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ u32 cluster_rank() {
-    u32 rank;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    return rank;
-}
-#endif
-
-// The dynamic shared memory the host gave this launch: the histogram count
-// follows from it (copies = bytes / (4 * num_physical)).
-__device__ __forceinline__ u32 dynamic_smem_bytes() {
-    u32 bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
-}
-
-// Bin b summed over the block's histogram copies.
-__device__ __forceinline__ int bin_total(const int* hist, u32 copies, int num_physical, int b) {
-    int c = 0;
-    for (u32 k = 0; k < copies; ++k) c += hist[k * (u32)num_physical + b];
-    return c;
-}
-
-template <bool Cluster>
-__device__ __forceinline__ void cluster_or_block_sync() {
-#ifdef EPLB_HAS_CLUSTERS
-    if (Cluster) {
-        cluster_sync();  // every block's histogram zeroed before any block adds into the leader's
-        return;
-    }
-#endif
-    __syncthreads();
-}
-
-// After the block's own barrier: blocks other than the leader add their
-// non-zero bins into the leader's histogram; a cluster barrier; the leader
-// flushes. Every block of a cluster reaches the second barrier (the gate is
-// grid-uniform), so no block waits for one that skipped it.
-__device__ __forceinline__ void flush_to_cluster_leader(int* hist, u32 copies, int* __restrict__ load,
-                                                        int num_physical) {
-#ifdef EPLB_HAS_CLUSTERS
-    const u32 rank = cluster_rank();
-    if (rank != 0) {
-        const u32 local = (u32)__cvta_generic_to_shared(hist);
-        u32 leader;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(leader) : "r"(local));
-        for (int b = threadIdx.x; b < num_physical; b += blockDim.x) {
-            const int c = bin_total(hist, copies, num_physical, b);
-            if (c != 0) asm volatile("red.shared::cluster.add.u32 [%0], %1;" ::"r"(leader + 4u * b), "r"(c) : "memory");
-        }
-    }
-    cluster_sync();
-    if (rank == 0)
-        for (int b = threadIdx.x; b < num_physical; b += blockDim.x) {
-            const int c = bin_total(hist, copies, num_physical, b);
-            if (c != 0) atomicAdd(load + b, c);
-        }
-#endif
-}
-
 // Block-private histogram in shared memory (num_physical ints). Each element
 // reads its replica count and map entry from global memory (small tables,
 // L1/L2-resident) as the direct kernel does; only the counting goes through
@@ -180,19 +85,15 @@ __device__ __forceinline__ void flush_to_cluster_leader(int* hist, u32 copies, i
 // The element loop runs in phases (load EPT ids; EPT predicated count loads;
 // EPT predicated map loads; stores and counts) so each phase's EPT loads are
 // in flight together instead of forming one dependent chain per element.
-// The first chunk's ids, the gate and num_unpadded are loaded before the
-// histogram is zeroed, so their latency overlaps the set-up and the barrier;
-// the histogram is zeroed whatever the gate says, so the zeroing never waits
-// for it. With more than one copy (the host's choice, through the dynamic
-// shared memory size), warp w counts into copy w % copies: a hot expert's
-// shared-memory atomics then queue on several addresses instead of one.
-template <int EPT, bool Cluster>
+// Each chunk's ids are loaded before the previous chunk's stores (the first
+// chunk's before the set-up), and the histogram is zeroed whatever the gate
+// says: the id loads' latency overlaps the zeroing and the barrier, and the
+// zeroing never waits for the gate.
+template <int EPT>
 __device__ __forceinline__ void map_record_hist(EPLB_KERNEL_PARAMS) {
     extern __shared__ __align__(16) unsigned char smem[];
     int* hist = (int*)smem;
     const u32 tid = threadIdx.x;
-    const u32 copies = num_physical > 0 ? dynamic_smem_bytes() / (4u * (u32)num_physical) : 1u;  // >= 1
-    int* mine = hist + ((tid >> 5) % copies) * (u32)num_physical;
     const u32 nthreads = blockDim.x;
     const u32 chunk = nthreads * EPT;
     const u32 grid_stride = gridDim.x * chunk;
@@ -205,8 +106,8 @@ __device__ __forceinline__ void map_record_hist(EPLB_KERNEL_PARAMS) {
     }
     const bool record = *record_enabled != 0;  // grid-uniform
     const u32 limit = record_limit(num_unpadded, numel);
-    for (u32 b = tid; b < copies * (u32)num_physical; b += nthreads) hist[b] = 0;
-    cluster_or_block_sync<Cluster>();
+    for (int b = tid; b < num_physical; b += nthreads) hist[b] = 0;
+    __syncthreads();
 
     // base < numel < 2^31 and grid_stride < 2^31 + chunk: base += grid_stride never wraps.
     for (; base < numel; base += grid_stride) {
@@ -227,32 +128,28 @@ __device__ __forceinline__ void map_record_hist(EPLB_KERNEL_PARAMS) {
             physical[j] = valid[j] ? physical_of(base + j * nthreads + tid, e[j], count[j], l2p, l2p_stride_e,
                                                  l2p_stride_s, slots)
                                    : -1;
+        const u32 next = base + grid_stride;
+#pragma unroll
+        for (int j = 0; j < EPT; ++j) {
+            const u32 i = next + j * nthreads + tid;
+            e[j] = next < numel && i < numel ? (int)ids[i] : 0;
+        }
 #pragma unroll
         for (int j = 0; j < EPT; ++j) {
             const u32 i = base + j * nthreads + tid;
             if (i < numel) {
                 out[i] = (ID_T)physical[j];
                 if (record && i < limit && physical[j] >= 0 && physical[j] < num_physical)
-                    atomicAdd(mine + physical[j], 1);
+                    atomicAdd(hist + physical[j], 1);
             }
-        }
-        const u32 next = base + grid_stride;  // the next chunk's ids, loaded before this chunk's stores retire
-#pragma unroll
-        for (int j = 0; j < EPT; ++j) {
-            const u32 i = next + j * nthreads + tid;
-            e[j] = next < numel && i < numel ? (int)ids[i] : 0;
         }
     }
 
     if (record) {
         __syncthreads();
-        if (Cluster) {
-            flush_to_cluster_leader(hist, copies, load, num_physical);
-        } else {
-            for (int b = tid; b < num_physical; b += nthreads) {
-                const int c = bin_total(hist, copies, num_physical, b);
-                if (c != 0) atomicAdd(load + b, c);
-            }
+        for (int b = tid; b < num_physical; b += nthreads) {
+            const int c = hist[b];
+            if (c != 0) atomicAdd(load + b, c);
         }
     }
 }
@@ -261,23 +158,9 @@ __device__ __forceinline__ void map_record_hist(EPLB_KERNEL_PARAMS) {
                   load, num_physical, record_enabled, num_unpadded, numel
 
 extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_hist_e1(EPLB_KERNEL_PARAMS) {
-    map_record_hist<1, false>(HIST_ARGS);
+    map_record_hist<1>(HIST_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) eplb_map_record_hist_e4(EPLB_KERNEL_PARAMS) {
-    map_record_hist<4, false>(HIST_ARGS);
+    map_record_hist<4>(HIST_ARGS);
 }
-
-// The cluster kernels exist on every card (NVRTC looks them up by name) but
-// have a body only from sm_90; the host launches them only there.
-#ifdef EPLB_HAS_CLUSTERS
-#define CLUSTER_KERNEL(name, ept)                                                                     \
-    extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(1024) name(EPLB_KERNEL_PARAMS) { \
-        map_record_hist<ept, true>(HIST_ARGS);                                                        \
-    }
-#else
-#define CLUSTER_KERNEL(name, ept) \
-    extern "C" __global__ void name(EPLB_KERNEL_PARAMS) {}
-#endif
-CLUSTER_KERNEL(eplb_map_record_cluster_e1, 1)
-CLUSTER_KERNEL(eplb_map_record_cluster_e4, 4)

@@ -94,12 +94,6 @@ def device_limits(device_index: int) -> tuple[int, int]:
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 48 * 1024)
 
 
-@functools.cache
-def device_capability(device_index: int) -> tuple[int, int]:
-    """(major, minor) compute capability: 9.0 and later have thread-block clusters."""
-    return torch.cuda.get_device_capability(device_index)
-
-
 _shared_opted_in: dict[int, int] = {}
 
 

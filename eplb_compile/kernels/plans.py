@@ -33,10 +33,7 @@ import torch
 PLAN_ENV = "EPLB_COMPILE_KERNEL_PLAN"
 FORMAT = 1
 # "triton" is triton_kernels.py's one-atomic-per-element kernel; the others are cuda_variants.VARIANTS.
-VARIANT_NAMES = (
-    "triton", "direct", "warp", "hist_e1", "hist", "hist_wide", "hist_e1_w", "hist_w", "hist_wide_w", "hist_1k_w",
-    "cluster_w", "cluster_e1", "cluster_1k", "cluster", "cluster_wide",
-)
+VARIANT_NAMES = ("triton", "direct", "hist_e1", "hist", "hist_wide")
 
 
 @dataclass(frozen=True)

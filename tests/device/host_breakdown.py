@@ -47,6 +47,15 @@ def main() -> None:
     variant = cuda_variants.VARIANTS[chooser.variant_name(call)]
     function = cuda_variants.compiled_functions(call)[variant.kernel]
     params = call.cuda_params()
+    # cuLaunchKernel with every argument prepared: the driver's own cost plus one ctypes call.
+    cu_launch = nvrtc._driver()[0]
+    values, pointers = nvrtc._thread_launcher()[:2]
+    values[: len(params)] = params
+    import ctypes
+
+    fn_ptr = ctypes.c_void_p(function)
+    stream_ptr = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    shared = variant.shared_bytes(call)
     pieces = [
         ("whole: eplb_compile.map_and_record", lambda: eplb_compile.map_and_record(*args6)),
         ("whole: eplb_compile.map_only", lambda: eplb_compile.map_only(ids, l2p, rc)),
@@ -64,6 +73,8 @@ def main() -> None:
         ("compiled_functions", lambda: cuda_variants.compiled_functions(call)),
         ("nvrtc.launch (prepared params)",
          lambda: nvrtc.launch(0, function, 1, variant.threads, variant.shared_bytes(call), params)),
+        ("cuLaunchKernel alone (ctypes, prepared)",
+         lambda: cu_launch(fn_ptr, 1, 1, 1, variant.threads, 1, 1, shared, stream_ptr, pointers, None)),
         ("increment_version", lambda: torch.autograd.graph.increment_version(load)),
         ("plain torch slice add", lambda: load[0:36].add_(counts)),
         ("torch.empty_like(ids)", lambda: torch.empty_like(ids)),
