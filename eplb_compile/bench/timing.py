@@ -74,28 +74,37 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, repeats: int
     return statistics.median(samples)
 
 
-def host_overhead_us(call: Callable[[], object], calls: int, rounds: int) -> float:
-    """Median per-call host time (µs) of eager calls while the GPU is busy.
+def host_overheads_us(calls_by_name: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
+    """Median per-call host time (µs) of eager calls while the GPU is busy, per name.
 
     A sleep kernel keeps the device occupied for longer than the timed calls
     take to issue, so launches only queue (far below the queue's depth) and
-    no call waits on the GPU. The device is synchronized between rounds,
-    outside the clock.
+    no call waits on the GPU. The device is synchronized between samples,
+    outside the clock. The candidates are interleaved within each round, so
+    a drift of the host's speed (frequency, neighbours) hits them alike and
+    their ratios stay meaningful.
     """
-    call()
+    for fn in calls_by_name.values():
+        fn()
     torch.cuda.synchronize()
     properties = torch.cuda.get_device_properties(torch.cuda.current_device())
     clock_hz = getattr(properties, "clock_rate", 2_000_000) * 1e3  # clock_rate is in kHz
     cycles = int(clock_hz * calls * 200e-6)  # 200 µs of device time per call: far more than any call takes
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in calls_by_name}
     for _ in range(rounds):
-        torch.cuda._sleep(cycles)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            call()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(samples)
+        for name, fn in calls_by_name.items():
+            torch.cuda._sleep(cycles)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+            torch.cuda.synchronize()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def host_overhead_us(call: Callable[[], object], calls: int, rounds: int) -> float:
+    """:func:`host_overheads_us` for one call."""
+    return host_overheads_us({"call": call}, calls, rounds)["call"]
 
 
 @dataclass
@@ -140,6 +149,6 @@ def host_overheads(setup: Setup, work: dict[int, Workload], vllm_fn, calls: int,
             candidates.append(("vLLM _eplb_map_and_record_triton", False, lambda: vllm_fn(
                 topk_ids=ids, logical_to_physical_map=l2p, logical_replica_count=rc, expert_load_view=load,
                 record_enabled=gate, num_unpadded_tokens=unpadded)))
-        for name, is_op, fn in candidates:
-            rows.append(HostRow(name, tokens, host_overhead_us(fn, calls, rounds), is_op))
+        medians = host_overheads_us({name: fn for name, _, fn in candidates}, calls, rounds)
+        rows += [HostRow(name, tokens, medians[name], is_op) for name, is_op, _ in candidates]
     return rows

@@ -51,14 +51,18 @@ def variant_name(call: KernelCall) -> str:
     return plan_for_index(call.ids.get_device()).topk_variant(call.ids.numel())
 
 
-def choose(call: KernelCall) -> Launcher:
-    """The launcher for ``call``: the planned CUDA variant if it takes the call, else Triton."""
+def choose(call: KernelCall, validated: bool = False) -> Launcher:
+    """The launcher for ``call``: the planned CUDA variant if it takes the call, else Triton.
+
+    ``validated=True`` from the operators, whose validation already checked
+    what the variants would re-check but the layout limits.
+    """
     global _cuda_failure
     name = variant_name(call)
     if name == "triton" or _cuda_failure is not None:
         return launch_map
     variant = cuda_variants.VARIANTS[name]
-    if not variant.supports(call):
+    if not variant.supports(call, validated):
         return launch_map
     try:
         cuda_variants.compiled_functions(call)

@@ -80,19 +80,30 @@ def launch_record_counts(function: int, load: torch.Tensor, counts: torch.Tensor
     nvrtc.launch(load.get_device(), function, -(-n // COUNT_THREADS), COUNT_THREADS, 0, params)
 
 
-def _takes(call: KernelCall) -> bool:
-    """The limits every CUDA kernel shares: contiguous 2-D ids, 32-bit flat indices."""
-    ids, out = call.ids, call.out
+def _takes(call: KernelCall, validated: bool) -> bool:
+    """The limits every CUDA kernel shares: contiguous 2-D ids, 32-bit flat indices.
+
+    ``validated``: the call comes from an operator, whose spec (``ops/_validation.py``)
+    already checked the dtypes, the ranks and the gate, and which allocated
+    ``out`` contiguous with the ids' dtype; only the layout limits remain.
+    """
+    ids, load = call.ids, call.load
+    layout = (
+        ids.is_contiguous()
+        and ids.numel() <= _MAX_INT32
+        and call.l2p.shape[0] <= _MAX_INT32
+        and (load is None or load.shape[0] <= _MAX_INT32)
+    )
+    if validated or not layout:
+        return layout
+    out = call.out
     return (
         ids.dtype in _ID_C_TYPES
         and ids.dim() == 2
-        and ids.is_contiguous()
         and out.is_contiguous()
         and out.dtype == ids.dtype
-        and ids.numel() <= _MAX_INT32
-        and call.l2p.shape[0] <= _MAX_INT32
         and call.replica_count.dtype in (torch.int32, torch.int64)
-        and (call.load is None or (call.load.shape[0] <= _MAX_INT32 and call.gate is not None))
+        and (load is None or call.gate is not None)
         and (call.gate is None or call.gate.dtype in (torch.bool, torch.uint8))
         and (call.num_unpadded is None or call.num_unpadded.dtype == torch.int32)
     )
@@ -112,8 +123,9 @@ class CudaVariant:
     def shared_bytes(self, call: KernelCall) -> int:
         return 4 * call.load.shape[0] if self.histogram else 0
 
-    def supports(self, call: KernelCall) -> bool:
-        if not _takes(call):
+    def supports(self, call: KernelCall, validated: bool = False) -> bool:
+        """Whether this kernel takes ``call`` (``validated``: see ``_takes``)."""
+        if not _takes(call, validated):
             return False
         if not self.histogram:
             return True

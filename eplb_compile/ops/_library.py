@@ -102,7 +102,7 @@ def map_and_record_cuda(ids, l2p, rc, load, gate, unpadded=None):
     MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
     KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), load, gate, unpadded)
-    chooser.choose(call)(call)
+    chooser.choose(call, validated=True)(call)
     # The kernel writes through a pointer; bump the version as the dispatcher
     # does for a Tensor(a!) argument, so a direct call is indistinguishable.
     torch.autograd.graph.increment_version(load)
@@ -153,7 +153,7 @@ def map_only_cuda(ids, l2p, rc, unpadded=None):
     KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), None, None,
                       unpadded)
-    chooser.choose(call)(call)
+    chooser.choose(call, validated=True)(call)
     return call.out
 
 

@@ -3,10 +3,11 @@
     python3 tests/device/host_breakdown.py [--tokens 1]
 
 Each piece runs alone in a loop while a sleep kernel keeps the GPU busy (so
-launches only queue), median of rounds: the bench's host measurement. The
-pieces are the steps of ``eplb_compile.map_and_record`` on a CUDA call, in
-order; their sum is close to the whole call, but not equal (caches, branch
-history). For profiling the eager path; the bench's host table is the figure.
+launches only queue), median of rounds, the pieces interleaved: the bench's
+host measurement. The pieces are the steps of ``eplb_compile.map_and_record``
+on a CUDA call, in order; their sum is close to the whole call, but not equal
+(caches, branch history). For profiling the eager path; the bench's host table
+is the figure.
 """
 
 from __future__ import annotations
@@ -16,15 +17,11 @@ import argparse
 import torch
 
 import eplb_compile
-from eplb_compile.bench.timing import host_overhead_us
+from eplb_compile.bench.timing import host_overheads_us
 from eplb_compile.kernels import chooser, cuda_variants, nvrtc
 from eplb_compile.kernels.call import KernelCall
 from eplb_compile.ops import _library
 from eplb_compile.ops._validation import MAP_AND_RECORD
-
-
-def per_call_us(fn) -> float:
-    return host_overhead_us(fn, calls=100, rounds=15)  # the bench's host measurement
 
 
 def main() -> None:
@@ -79,9 +76,10 @@ def main() -> None:
         ("plain torch slice add", lambda: load[0:36].add_(counts)),
         ("torch.empty_like(ids)", lambda: torch.empty_like(ids)),
     ]
+    medians = host_overheads_us(dict(pieces), calls=100, rounds=15)  # the bench's host measurement, interleaved
     print(f"T={args.tokens}, variant {variant.name}; µs per call")
-    for name, fn in pieces:
-        print(f"{name:40s} {per_call_us(fn):6.2f}")
+    for name, _ in pieces:
+        print(f"{name:40s} {medians[name]:6.2f}")
 
 
 if __name__ == "__main__":
