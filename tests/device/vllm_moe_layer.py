@@ -363,6 +363,11 @@ def main() -> int:
         rows = time_layer([1, 16, 128, 512, 2048, 8192], repeats=5)
         with open(os.path.join(args.out, "vllm_layer_cost.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        from eplb_compile.bench import layer_cost
+        from eplb_compile.kernels import plans
+
+        crossover = plans.count_path_min_tokens(torch.device(DEV))
+        print("wrote", *layer_cost.render(os.path.join(args.out, "vllm_layer_cost.json"), crossover))
         print("recording alone (µs per call, CUDA graph) and its share of the EPLB-off layer; A/B = layer minus EPLB off")
         print(f"{'T':>5} {'layer us':>9} {'spread':>7} {'vLLM':>6} {'topk':>6} {'counts':>6} "
               f"{'vLLM %':>7} {'topk %':>7} {'cnt %':>7} {'A/B vLLM':>9} {'A/B topk':>9} {'A/B cnt':>8}")
