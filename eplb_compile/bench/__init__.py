@@ -228,7 +228,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
         f"## Results (µs per MoE layer; goals use `{topk}`)", report.results_table(medians, reference, topk),
         "\n## Topk-path variants (µs per layer, explicit launchers)", report.variant_table(medians, variant_names),
         "", *plan_lines,
-        "\n## Achieved bandwidth (per layer, one launch each)", report.bandwidth_table(medians, moved, card_gbs),
+        "\n## Achieved bandwidth (per layer, one launch each)", report.bandwidth_table(medians, moved, card_gbs, topk),
         "\n## Goals", *report.goals(medians, tokens_list, reference, topk, crossover, host),
         "\n## Eager host cost per call (GPU kept busy; median of rounds)", report.host_table(host),
     ])

@@ -86,21 +86,30 @@ def base_impls(vllm_fn, *, topk: bool) -> list[Impl]:
     import eplb_compile.ops  # noqa: F401 - registers torch.ops.eplb_compile
 
     ops = torch.ops.eplb_compile
+    # Each layer's output stays alive (as a model's does until its consumer
+    # ran), so no layer writes into the buffer another layer just freed, which
+    # would still be in L2: the operators' outputs are then as cold as the
+    # explicit launchers' preallocated ones.
+    held: dict[int, torch.Tensor] = {}
+
+    def hold(call, out):
+        held[call.ids.data_ptr()] = out
+        return out
 
     def count_path(call, counts, start):
         physical = ops.map_only(call.ids, call.l2p, call.replica_count, call.num_unpadded)
         ops.record_counts(call.load, counts, start, call.gate)
-        return physical
+        return hold(call, physical)
 
     impls = []
     if vllm_fn is not None:
         impls.append(Impl("vllm", "map_record", lambda call: _vllm_call(vllm_fn, call)))
     if topk:
-        impls.append(Impl("topk", "map_record", lambda call: ops.map_and_record(
-            call.ids, call.l2p, call.replica_count, call.load, call.gate, call.num_unpadded)))
+        impls.append(Impl("topk", "map_record", lambda call: hold(call, ops.map_and_record(
+            call.ids, call.l2p, call.replica_count, call.load, call.gate, call.num_unpadded))))
     impls += [
-        Impl("map_only", "map_only", lambda call: ops.map_only(call.ids, call.l2p, call.replica_count,
-                                                               call.num_unpadded)),
+        Impl("map_only", "map_only", lambda call: hold(call, ops.map_only(call.ids, call.l2p, call.replica_count,
+                                                                          call.num_unpadded))),
         Impl("count_kernel", "counts", lambda call, counts, start: ops.record_counts(call.load, counts, start,
                                                                                      call.gate)),
         Impl("count_path", "count_path", count_path),

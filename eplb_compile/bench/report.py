@@ -64,23 +64,23 @@ def results_table(medians, reference: str, topk: str) -> str:
     return markdown_table(header, rows)
 
 
-def bandwidth_table(medians, moved_bytes: dict[int, int], card_gbs: float | None) -> str:
+def bandwidth_table(medians, moved_bytes: dict[int, int], card_gbs: float | None, topk: str) -> str:
     """Bytes each layer's kernel must move (ids in, ids out, the load), and the
     bandwidth each implementation achieves on them, whole launch included."""
     rows = []
     for t in sorted(medians):
         m, nbytes = medians[t], moved_bytes[t]
         cells = [str(t), f"{nbytes / 1024:.0f}"]
-        for name in ("copy", "map_only", "topk"):
+        for name in ("copy", "map_only", topk):
             us = m.get(name)
             cells += [fmt(us), fmt(None if not us else nbytes / us / 1e3, ".0f")]
-        above = None if m.get("topk") is None or m.get("copy") is None else m["topk"] - m["copy"]
+        above = None if m.get(topk) is None or m.get("copy") is None else m[topk] - m["copy"]
         cells.append(fmt(above))
         rows.append(cells)
     card = "not measured" if card_gbs is None else f"{card_gbs:.0f} GB/s"
     return (f"Card copy bandwidth (1 GiB device copy, read + write): {card}.\n\n"
-            + markdown_table(["T", "KiB moved", "copy µs", "copy GB/s", "map-only µs", "map-only GB/s", "topk µs",
-                              "topk GB/s", "topk - copy µs"], rows))
+            + markdown_table(["T", "KiB moved", "copy µs", "copy GB/s", "map-only µs", "map-only GB/s", f"{topk} µs",
+                              f"{topk} GB/s", f"{topk} - copy µs"], rows))
 
 
 def variant_table(medians, variant_names: list[str]) -> str:
