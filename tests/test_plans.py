@@ -50,7 +50,7 @@ def test_h100_and_h200_plans():
     # Measured by `eplb-compile bench --topk-plan auto` on each card (graphs/bench_results.md for the H200).
     assert h200.topk_variant(2047) == "direct" and h200.topk_variant(2048) == "hist_e1"
     assert h200.topk_variant(92688) == "hist_wide"
-    assert (h100.count_path_min_tokens, h200.count_path_min_tokens) == (65536, 8192)
+    assert (h100.count_path_min_tokens, h200.count_path_min_tokens) == (65536, 16384)
 
 
 def test_cpu_and_none_get_the_default():
