@@ -1,10 +1,12 @@
-"""GPU kernels of the topk path and the choice between them.
+"""GPU kernels of the eager CUDA path and the choice between them.
 
 - ``call.py``: ``KernelCall``, the seven tensors of one call, by name;
 - ``plans.py`` + ``configs/``: the measured kernel plan of each card, as data;
-- ``chooser.py``: ``choose(call) -> launcher``, the one place that decides;
-- ``triton_kernels.py``: the Triton kernels (also what torch.compile traces);
-- ``cuda_variants.py`` + ``eplb_topk.cu``: the CUDA kernels a plan can pick;
+- ``chooser.py``: ``choose(call) -> launcher``, the one place that decides
+  (and ``record_counts``, the count kernel behind the same failure latch);
+- ``triton_kernels.py``: the Triton topk kernel (also what torch.compile traces);
+- ``cuda_variants.py`` + ``eplb_topk.cu``, ``eplb_counts.cu``: the CUDA kernels
+  a plan can pick, and the count kernel;
 - ``nvrtc.py``: compiling and launching CUDA source at run time (generic).
 
 Importing this package imports neither Triton nor CUDA: ``call`` and
