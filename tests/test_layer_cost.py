@@ -32,3 +32,11 @@ def test_render_writes_the_table(tmp_path):
     text = (tmp_path / "vllm_layer_cost.md").read_text()
     assert written[0].name == "vllm_layer_cost.md"
     assert "| 16 | 700.0 | 2.30 | 1.90 | 3.10 |" in text and "GPU X; torch 2.x. Method." in text
+
+
+def test_section_for_the_bench_report(tmp_path):
+    path = tmp_path / "vllm_layer_cost.json"
+    path.write_text(json.dumps({"device": "GPU X", "torch": "2.x", "rows": [_row(1, 200.0, 2.0, 1.5, 3.0)]}))
+    text = layer_cost.section(path, crossover=16384)
+    assert text.startswith("GPU X; torch 2.x; vllm_layer_cost.json")
+    assert "| 1 | 200.0 | 2.00 | 1.50 | 3.00 |" in text and "MISSED at 1" in text

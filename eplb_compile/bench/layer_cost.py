@@ -60,11 +60,23 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, body)
 
 
+def _load(json_path: Path) -> tuple[str, list[dict]]:
+    data = json.loads(Path(json_path).read_text())
+    return f"{data['device']}; torch {data['torch']}", sorted(data["rows"], key=lambda r: r["T"])
+
+
+def section(json_path: Path, crossover: int) -> str:
+    """The table and the goals, for the bench's report (``bench_results.md``)."""
+    title, rows = _load(json_path)
+    return "\n".join([f"{title}; {Path(json_path).name}, written by `bash tests/device/run_vllm_layer.sh --time`; "
+                      f"µs and % of the EPLB-off layer ({Path(json_path).with_suffix('.md').name} says how).\n",
+                      table(rows), "", f"Goals (the plugin's pick per T, crossover {crossover} tokens per rank):",
+                      *goals(rows, crossover)])
+
+
 def render(json_path: Path, crossover: int, method: str = METHOD) -> list[Path]:
     """Write ``<stem>.md`` (and ``<stem>.png`` with matplotlib) beside ``json_path``; the paths written."""
-    data = json.loads(Path(json_path).read_text())
-    rows = sorted(data["rows"], key=lambda r: r["T"])
-    title = f"{data['device']}; torch {data['torch']}"
+    title, rows = _load(json_path)
     md = Path(json_path).with_suffix(".md")
     text = [f"# Recording cost inside vLLM 0.33.0's MoE layer\n", f"{title}. {method}\n", table(rows), "",
             f"Goals (the plugin's pick per T, crossover {crossover} tokens per rank):", *goals(rows, crossover)]
