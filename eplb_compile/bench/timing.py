@@ -102,11 +102,6 @@ def host_overheads_us(calls_by_name: dict[str, Callable[[], object]], calls: int
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def host_overhead_us(call: Callable[[], object], calls: int, rounds: int) -> float:
-    """:func:`host_overheads_us` for one call."""
-    return host_overheads_us({"call": call}, calls, rounds)["call"]
-
-
 @dataclass
 class HostRow:
     call: str

@@ -36,20 +36,13 @@ def kernel_source(id_dtype: torch.dtype, k: int) -> str:
     return f"#define ID_T {_ID_C_TYPES[id_dtype]}\n#define K {int(k)}\n{body}"
 
 
-_functions: dict[tuple[int, torch.dtype, int], dict[str, int]] = {}
-
-
 def compiled_functions(call: KernelCall) -> dict[str, int]:
     """The kernels' handles for this call's device, id dtype and k (compiled on first use).
 
     Raises RuntimeError if NVRTC or the driver fails.
     """
     ids = call.ids
-    key = (ids.get_device(), ids.dtype, ids.shape[1])
-    found = _functions.get(key)  # one dict lookup per eager call once compiled
-    if found is None:
-        found = _functions[key] = nvrtc.compile_functions(key[0], kernel_source(key[1], key[2]), _KERNEL_NAMES)
-    return found
+    return nvrtc.compile_functions(ids.get_device(), kernel_source(ids.dtype, ids.shape[1]), _KERNEL_NAMES)
 
 
 COUNT_KERNEL = "eplb_record_counts"
