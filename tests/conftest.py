@@ -1,6 +1,15 @@
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+if torch.cuda.is_available():
+    from eplb_compile.kernels import eager_extension
+
+    # Build the C++ eager launcher before any test runs, so the eager calls the
+    # GPU tests make take it wherever it has a table (not only once the
+    # background build happens to finish).
+    eager_extension.wait()
 
 # CI's budget: a bounded fuzz by default, a long one with HYPOTHESIS_PROFILE=long.
 settings.register_profile(

@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
 
     from eplb_compile.bench import impls, inputs, plan, report
     from eplb_compile.bench.timing import copy_bandwidth_gbs, host_overheads
-    from eplb_compile.kernels import cuda_variants, plans
+    from eplb_compile.kernels import cuda_variants, eager_extension, plans
 
     tokens_list = list(args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS))
     replays = max(5, args.replays // 2) if args.quick else args.replays
@@ -153,10 +153,13 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
         print(no_plot)
 
     vllm_fn, vllm_status = impls.load_vllm(args.vllm_src)
+    launcher = eager_extension.wait()  # the eager calls below time what users run
+    launcher_status = ("built" if launcher is not None
+                       else f"not used ({eager_extension.failure() or eager_extension.ENV + '=0'}): Python path")
     reference = "vllm" if vllm_fn is not None else impls.VARIANT_PREFIX + "triton"
     card_plan = plans.plan_for_device(device)
     print(f"# eplb-compile bench on {gpu}; torch {torch.__version__}, Triton {triton.__version__}; {stamp}")
-    print(f"# vLLM: {vllm_status}; ratios against: {reference}")
+    print(f"# vLLM: {vllm_status}; ratios against: {reference}; C++ eager launcher: {launcher_status}")
     print(f"# the operators' plan on this card: {card_plan.topk_plan}, crossover {card_plan.count_path_min_tokens} "
           f"(from {card_plan.source})")
     setup = inputs.build_setup(args, device)
@@ -250,7 +253,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
         except Exception as error:  # noqa: BLE001 - the numbers matter more than the figure
             print(f"# plot failed: {type(error).__name__}: {error}")
     (out_dir / "bench_results.md").write_text(
-        f"# `eplb-compile bench` results\n\n{header}\n\nvLLM: {vllm_status}\n\n"
+        f"# `eplb-compile bench` results\n\n{header}\n\nvLLM: {vllm_status}\n\nC++ eager launcher: {launcher_status}\n\n"
         + ("" if no_plot else f"![µs per layer vs tokens per rank]({png.name})\n\n") + text + "\n")
     print(text)
     print(f"# wrote {out_dir / 'bench_results.csv'}, {out_dir / 'bench_results.md'}"

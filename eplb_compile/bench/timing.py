@@ -112,12 +112,14 @@ class HostRow:
 
 def host_overheads(setup: Setup, work: dict[int, Workload], vllm_fn, calls: int, rounds: int) -> list[HostRow]:
     """Per-call host cost at the smallest and largest T: our public operators
-    (what the vLLM plugin calls), the same through ``torch.ops`` (the
+    (what the vLLM plugin calls), their Python path (what runs where the C++
+    eager launcher is not built), the same through ``torch.ops`` (the
     dispatcher: what compiled graphs call, where eager cost is not paid),
     vLLM's launcher, the bare Triton launch and a plain torch slice add (the
     cheapest one-op update)."""
     import eplb_compile
     from eplb_compile.kernels import chooser
+    from eplb_compile.ops import _library
     from eplb_compile.kernels.triton_kernels import launch_map
 
     ops = torch.ops.eplb_compile
@@ -134,6 +136,10 @@ def host_overheads(setup: Setup, work: dict[int, Workload], vllm_fn, calls: int,
             ("map_only", True, lambda: eplb_compile.map_only(ids, l2p, rc)),
             ("map_only with num_unpadded", True, lambda: eplb_compile.map_only(ids, l2p, rc, unpadded)),
             ("record_counts", True, lambda: eplb_compile.record_counts(load, counts, start, gate)),
+            ("map_and_record, Python path", False,
+             lambda: _library.map_and_record_python(ids, l2p, rc, load, gate, unpadded)),
+            ("map_only, Python path", False, lambda: _library.map_only_python(ids, l2p, rc)),
+            ("record_counts, Python path", False, lambda: _library.record_counts_python(load, counts, start, gate)),
             ("torch.ops map_and_record (dispatcher)", False,
              lambda: ops.map_and_record(ids, l2p, rc, load, gate, unpadded)),
             ("torch.ops record_counts (dispatcher)", False, lambda: ops.record_counts(load, counts, start, gate)),

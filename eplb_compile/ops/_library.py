@@ -5,7 +5,10 @@ Registered with ``torch.library.Library`` ``define``/``impl`` rather than the
 ``@custom_op`` decorator, whose Python dispatch costs several times more per
 eager call. The plain-torch body (``_torch_impl``) is the CPU implementation;
 the CUDA implementation launches a Triton or NVRTC kernel and is registered
-only where Triton is installed. The fakes validate metadata and allocate.
+only where Triton is installed: first through the C++ eager launcher
+(``kernels/eager_launch.cpp``), which takes the calls it has a launch table
+for and returns None for the rest, then in Python, which validates in detail
+and chooses the kernel. The fakes validate metadata and allocate.
 
 The functional decomposition runs when AOTAutograd functionalizes a graph, as
 ``torch.library.triton_op`` does internally: on CUDA it traces the Triton
@@ -22,6 +25,7 @@ import importlib.util
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
+from eplb_compile.kernels.eager_extension import LAUNCHER as _CPP
 from eplb_compile.ops import _torch_impl
 from eplb_compile.ops._torch_compat import (
     nothing_intercepts_eager_calls,
@@ -99,6 +103,12 @@ def _map_and_record_cpu(ids, l2p, rc, load, gate, unpadded=None):
 
 
 def map_and_record_cuda(ids, l2p, rc, load, gate, unpadded=None):
+    out = _CPP.map_ids(ids, l2p, rc, load, gate, unpadded)  # the C++ launcher, or None: not taken
+    return out if out is not None else map_and_record_python(ids, l2p, rc, load, gate, unpadded)
+
+
+def map_and_record_python(ids, l2p, rc, load, gate, unpadded=None):
+    """The CUDA implementation's Python path: what runs the calls the C++ launcher does not take."""
     MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
     KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), load, gate, unpadded)
@@ -149,6 +159,11 @@ def _map_only_cpu(ids, l2p, rc, unpadded=None):
 
 
 def map_only_cuda(ids, l2p, rc, unpadded=None):
+    out = _CPP.map_ids(ids, l2p, rc, None, None, unpadded)
+    return out if out is not None else map_only_python(ids, l2p, rc, unpadded)
+
+
+def map_only_python(ids, l2p, rc, unpadded=None):
     MAP_ONLY.validate(ids, l2p, rc, unpadded)
     KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), None, None,
@@ -189,6 +204,11 @@ def _record_counts_cpu(load, counts, start, gate):
 
 
 def record_counts_cuda(load, counts, start, gate):
+    if not _CPP.record_counts(load, counts, start, gate):
+        record_counts_python(load, counts, start, gate)
+
+
+def record_counts_python(load, counts, start, gate):
     RECORD_COUNTS.validate(load, counts, start, gate)
     _gpu_kernels()[1].record_counts(load, counts, start, gate)
     # The kernel writes through a pointer; bump the version as the dispatcher

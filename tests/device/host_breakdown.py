@@ -18,7 +18,7 @@ import torch
 
 import eplb_compile
 from eplb_compile.bench.timing import host_overheads_us
-from eplb_compile.kernels import chooser, cuda_variants, nvrtc
+from eplb_compile.kernels import chooser, cuda_variants, eager_extension, nvrtc
 from eplb_compile.kernels.call import KernelCall
 from eplb_compile.ops import _library
 from eplb_compile.ops._validation import MAP_AND_RECORD
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1)
     args = parser.parse_args()
     dev = "cuda"
+    print("C++ eager launcher:", "built" if eager_extension.wait() is not None else eager_extension.failure())
     ids = torch.randint(0, 256, (args.tokens, 8), dtype=torch.int32, device=dev)
     l2p = torch.full((256, 1024), -1, dtype=torch.int64, device=dev)
     l2p[:, 0] = torch.arange(256, device=dev)
@@ -59,6 +60,9 @@ def main() -> None:
         ("whole: eplb_compile.record_counts", lambda: eplb_compile.record_counts(load, counts, 0, gate)),
         ("record_counts: chooser.record_counts", lambda: chooser.record_counts(load, counts, 0, gate)),
         ("whole: torch.ops map_and_record", lambda: torch.ops.eplb_compile.map_and_record(*args6)),
+        ("C++ launcher map_ids alone", lambda: eager_extension.LAUNCHER.map_ids(*args6)),
+        ("C++ launcher record_counts alone", lambda: eager_extension.LAUNCHER.record_counts(load, counts, 0, gate)),
+        ("Python path map_and_record", lambda: _library.map_and_record_python(*args6)),
         ("check_types", lambda: MAP_AND_RECORD.check_types(*args6)),
         ("runs_on_cuda_directly", lambda: _library.runs_on_cuda_directly(*args6)),
         ("validate", lambda: MAP_AND_RECORD.validate(*args6)),
