@@ -46,10 +46,10 @@ def _python_path(monkeypatch):
     monkeypatch.setattr(eager_extension.LAUNCHER, "record_counts", eager_extension.not_ready)
 
 
-def _both_paths(monkeypatch, call):
+def _both_paths(call):
     """call() through the launcher, then through the Python path; both results."""
     taken = call()
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         _python_path(patch)
         python = call()
     return taken, python
@@ -65,7 +65,7 @@ def _registered(launcher, case):
 @needs_cuda
 @given(case=map_cases(max_tokens=8192), dtype=st.sampled_from([torch.int8, torch.int16, torch.int32, torch.int64]),
        rc64=st.booleans())
-def test_it_equals_the_python_path_and_the_reference(launcher, monkeypatch, case, dtype, rc64):
+def test_it_equals_the_python_path_and_the_reference(launcher, case, dtype, rc64):
     case = case.to("cuda")
     case.topk_ids = case.topk_ids.to(dtype)
     case.replica_count = case.replica_count.to(torch.int64 if rc64 else torch.int32)
@@ -74,14 +74,14 @@ def test_it_equals_the_python_path_and_the_reference(launcher, monkeypatch, case
     loads = [case.load.clone(), case.load.clone()]
     versions = [load._version for load in loads]
     calls = iter(loads)
-    ids, python_ids = _both_paths(monkeypatch, lambda: eplb_compile.map_and_record(
+    ids, python_ids = _both_paths(lambda: eplb_compile.map_and_record(
         *args, next(calls), case.record_enabled, case.num_unpadded_tokens))
     unpadded = None if case.num_unpadded_tokens is None else int(case.num_unpadded_tokens)
     want_ids, want_load = expected_map_and_record(*args, case.load, bool(case.record_enabled), unpadded)
     assert torch.equal(ids, python_ids) and torch.equal(ids.cpu(), want_ids)
     assert torch.equal(loads[0], loads[1]) and torch.equal(loads[0].cpu(), want_load)
     assert [load._version for load in loads] == [v + 1 for v in versions]
-    mapped, python_mapped = _both_paths(monkeypatch, lambda: eplb_compile.map_only(*args, case.num_unpadded_tokens))
+    mapped, python_mapped = _both_paths(lambda: eplb_compile.map_only(*args, case.num_unpadded_tokens))
     assert torch.equal(mapped, python_mapped)
     if case.topk_ids.is_contiguous():  # the launcher leaves strided ids to Triton
         loads[0].zero_()
@@ -141,7 +141,7 @@ def test_it_leaves_every_other_call_to_python(launcher):
 
 
 @needs_cuda
-def test_record_counts_equals_the_python_path(launcher, monkeypatch):
+def test_record_counts_equals_the_python_path(launcher):
     load = torch.randint(0, 1000, (64,), dtype=torch.int32, device="cuda")
     counts = torch.randint(0, 1000, (32,), dtype=torch.int32, device="cuda")[::2]  # strided counts too
     gate = torch.tensor(True, device="cuda")
@@ -149,7 +149,7 @@ def test_record_counts_equals_the_python_path(launcher, monkeypatch):
     for start, record in ((0, True), (48, True), (20, False)):
         loads = iter([load.clone(), load.clone()])
         out = []
-        _both_paths(monkeypatch, lambda: out.append(next(loads)) or eplb_compile.record_counts(
+        _both_paths(lambda: out.append(next(loads)) or eplb_compile.record_counts(
             out[-1], counts, start, torch.tensor(record, device="cuda")))
         want = load.clone()
         if record:

@@ -5,7 +5,8 @@ From the repository root on a GPU machine:
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/device/sanitize.py
 
 (or ``sh tests/device/sanitize.sh``). Every case goes through the operators
-(map_and_record, map_only with and without padding, record_counts) and
+(map_and_record, map_only with and without padding, record_counts; on the
+GPU through the C++ eager launcher where it takes the call) and
 each CUDA variant of ``eplb_compile.kernels.cuda_variants`` directly (a
 variant that does not take a case raises ValueError and is counted as not
 applicable). Results are compared with the element-wise reference; the
@@ -272,6 +273,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device; use --device cpu to try the script")
+    if args.device == "cuda":
+        from eplb_compile.kernels import eager_extension
+
+        # The operators' eager calls then take the C++ launcher (once each
+        # shape's table is registered), as they do in a server.
+        built = eager_extension.wait()
+        print("C++ eager launcher:", "built" if built is not None else f"not built: {eager_extension.failure()}")
     sys.exit(run(args.cases, args.max_tokens, args.seed, args.device))
 
 
