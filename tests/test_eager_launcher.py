@@ -126,16 +126,17 @@ def _rejected_calls(case):
 def test_it_leaves_every_other_call_to_python(launcher):
     case = _valid()
     _registered(launcher, case)
-    # int8 ids get their table too, so only the capacity rule can turn them away.
-    _registered(launcher, make_case(5, 37, 8, 40, 4, 60, torch.int8, True, 30, True).to("cuda"))
+    # int8 ids get their tables too, so only the capacity rules can turn them away
+    # (map_only's: at most 128 map entries, so 32 of the 40 rows).
+    ids8 = case.topk_ids.to(torch.int8)
+    eplb_compile.map_and_record(ids8, case.l2p, case.replica_count, case.load.clone(), case.record_enabled)
+    eplb_compile.map_only(ids8, case.l2p[:32], case.replica_count[:32])
     accepted = (case.topk_ids, case.l2p, case.replica_count, case.load, case.record_enabled, case.num_unpadded_tokens)
     assert launcher.map_ids(*accepted) is not None
     before = case.load.clone()
     for what, args in _rejected_calls(case):
         assert launcher.map_ids(*args) is None, what
     assert torch.equal(case.load, before)  # nothing launched
-    # map_only with int8 ids: the map's entry count (rows x slots) must stay within 128.
-    ids8 = case.topk_ids.to(torch.int8)
     assert launcher.map_ids(ids8, case.l2p[:32], case.replica_count[:32], None, None, None) is not None  # 128
     assert launcher.map_ids(ids8, case.l2p, case.replica_count, None, None, None) is None  # 160
 

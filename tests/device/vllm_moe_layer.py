@@ -338,7 +338,8 @@ def main() -> int:
     parser.add_argument("--time", action="store_true")
     parser.add_argument("--checks", choices=["all", "traced", "none"], default="all",
                         help="all: eager, CUDA-graph and compiled checks; traced: Dynamo tracing _forward_impl "
-                             "on the GPU (fails on the H200 harness run so far: see the README)")
+                             "on the GPU (fails inside vLLM's modular kernel, at workspace.py:124's "
+                             "ContextVar.get, which vLLM itself never traces: see the README)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     vllm_shim.graph_safe_batched(True)
@@ -346,6 +347,9 @@ def main() -> int:
 
     init_workspace_manager(DEV)  # the modular kernel's scratch buffers, as vLLM's GPU worker sets up
     vllm_plugin.register()
+    from eplb_compile.kernels import eager_extension
+
+    print("C++ eager launcher:", "built" if eager_extension.wait() is not None else eager_extension.failure())
     failures: list[str] = []
     stats = {"forwards": 0, "replays": 0}
     for experts in ("triton", "naive") if args.checks == "all" else ():
