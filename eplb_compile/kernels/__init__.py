@@ -7,7 +7,10 @@
 - ``triton_kernels.py``: the Triton topk kernel (also what torch.compile traces);
 - ``cuda_variants.py`` + ``eplb_topk.cu``, ``eplb_counts.cu``: the CUDA kernels
   a plan can pick, and the count kernel;
-- ``nvrtc.py``: compiling and launching CUDA source at run time (generic).
+- ``nvrtc.py``: compiling and launching CUDA source at run time (generic);
+- ``eager_extension.py`` + ``eager_launch.cpp``: the C++ eager launcher, built
+  in the background on first use, which runs an eager call in one C++ call
+  once the chooser has handed it that shape's kernels.
 
 Importing this package imports neither Triton nor CUDA: ``call`` and
 ``plans`` are plain torch; ``chooser`` and ``triton_kernels`` need Triton and
