@@ -97,11 +97,11 @@ def start() -> None:
             _thread.start()
 
 
-def wait(timeout: float | None = None) -> ModuleType | None:
+def wait() -> ModuleType | None:
     """Start the build if needed and wait for it: the module, or None (disabled or failed)."""
     start()
     if _thread is not None:
-        _thread.join(timeout)
+        _thread.join()
     return _module
 
 
@@ -114,7 +114,7 @@ def register_topk(key: tuple, rows: list[tuple[int, int, int, int, int, bool]], 
     if _module is None:
         return
     device, dtype, k, records = key
-    _module.register_table(device, _scalar_type(dtype), k, records, rows, shared_limit)
+    _module.register_table(device, _SCALAR_TYPES[dtype], k, records, rows, shared_limit)
     _registered.add(key)
 
 
@@ -133,7 +133,3 @@ def clear() -> None:
 
 
 _SCALAR_TYPES = {torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}  # c10::ScalarType: Char, Short, Int, Long
-
-
-def _scalar_type(dtype: torch.dtype) -> int:
-    return _SCALAR_TYPES[dtype]

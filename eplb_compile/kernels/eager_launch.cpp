@@ -19,6 +19,7 @@
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -99,12 +100,14 @@ std::optional<void*> current_stream_on(const c10::Device& device) {
   return cuda->getStream(device).native_handle();
 }
 
+// values: one slot per kernel parameter, on the caller's stack (no allocation per call).
+template <size_t N>
 void launch(uintptr_t function, int64_t blocks, int64_t threads, int64_t shared_bytes, void* stream,
-            std::vector<uint64_t>& values) {
+            std::array<uint64_t, N>& values) {
   // The driver reads as many bytes of each slot as the kernel's parameter has
   // (little-endian: a 4-byte parameter is its slot's low half).
-  std::vector<void*> params(values.size());
-  for (size_t i = 0; i < values.size(); ++i) params[i] = &values[i];
+  std::array<void*, N> params;
+  for (size_t i = 0; i < N; ++i) params[i] = &values[i];
   const int result = cu_launch_kernel(reinterpret_cast<void*>(function), static_cast<unsigned>(blocks), 1, 1,
                                       static_cast<unsigned>(threads), 1, 1, static_cast<unsigned>(shared_bytes),
                                       stream, params.data(), nullptr);
@@ -141,7 +144,7 @@ std::optional<at::Tensor> map_ids(const at::Tensor& ids, const at::Tensor& l2p, 
   at::Tensor out = at::empty_like(ids, at::MemoryFormat::Contiguous);
   if (numel > 0) {  // a grid of zero blocks is not a valid launch
     // EPLB_KERNEL_PARAMS' order (eplb_topk.cu), as KernelCall.cuda_params.
-    std::vector<uint64_t> values = {
+    std::array<uint64_t, 15> values = {
         address(ids), address(out), address(rc), rc.scalar_type() == at::kLong, static_cast<uint64_t>(rc.stride(0)),
         address(l2p), static_cast<uint64_t>(l2p.stride(0)), static_cast<uint64_t>(l2p.stride(1)),
         static_cast<uint64_t>(l2p.size(0)), static_cast<uint64_t>(l2p.size(1)),
@@ -178,7 +181,7 @@ bool record_counts(const at::Tensor& load, const at::Tensor& counts, const py::h
   if (!stream.has_value()) return false;
   if (n > 0) {
     constexpr int64_t threads = 256;  // cuda_variants.COUNT_THREADS
-    std::vector<uint64_t> values = {address(load) + 4 * static_cast<uint64_t>(start), address(counts),
+    std::array<uint64_t, 5> values = {address(load) + 4 * static_cast<uint64_t>(start), address(counts),
                                     static_cast<uint64_t>(counts.stride(0)), address(gate), static_cast<uint64_t>(n)};
     launch(found->second, (n + threads - 1) / threads, threads, 0, *stream, values);
   }
