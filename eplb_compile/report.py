@@ -233,6 +233,15 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    if args.plot:
+        from eplb_compile.plots import PLOT_EXTRA_HINT
+
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"eplb-compile report: error: --plot needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}",
+                  file=sys.stderr)
+            return 2
     try:
         summary = summarize(read_recording(args.record_dir), top=args.top)
     except RecordingError as error:

@@ -14,8 +14,8 @@ lowering with :func:`eplb_compile.select_lowering`:
 
 Every per-forward line here is traceable by Dynamo with no graph break, so
 vLLM's compiled mode (which traces the MoE forward on CPU) and users who
-compile an MoE block keep one graph. Each layer logs the first use of each
-lowering once, in eager and compiled mode alike.
+compile an MoE block keep one graph. Each layer logs each lowering once:
+eagerly at its first use, compiled when Dynamo traces it.
 """
 
 from __future__ import annotations
@@ -41,8 +41,21 @@ _op_keys = itertools.count()
 _counts_pending: dict[int, EplbLoadUpdate] = {}
 
 
-@vllm_surface.call_after_compiled_graphs
 def log_lowering(op_key: int, layer_name: str, lowering: str, backend: str, reason: str) -> None:
+    """Log a layer's lowering the first time it is used (eager) or traced (compiled).
+
+    Under torch.compile the lowering is decided while Dynamo traces (see
+    select_lowering), so the line is written then, once per layer and lowering,
+    whether or not the layer ever ran eagerly. A graph loaded from a warm
+    compile cache is not traced, so it logs nothing.
+    """
+    if torch.compiler.is_compiling():
+        vllm_surface.call_when_traced(_log_lowering_once, op_key, layer_name, lowering, backend, reason)
+    else:
+        _log_lowering_once(op_key, layer_name, lowering, backend, reason)
+
+
+def _log_lowering_once(op_key: int, layer_name: str, lowering: str, backend: str, reason: str) -> None:
     if (op_key, lowering) in _logged:
         return
     _logged.add((op_key, lowering))

@@ -305,6 +305,26 @@ def additional_config() -> Any:
 # --------------------------------------------------------------------------
 
 
+def call_when_traced(fn: Callable[..., None], *args) -> None:
+    """Call ``fn(*args)`` once per Dynamo trace of the caller; eagerly, nothing.
+
+    ``torch/_dynamo/comptime.py`` ``comptime(f)``: Dynamo calls ``f(ctx)``
+    while it traces and adds nothing to the graph; outside Dynamo it is a no-op.
+    Unlike :func:`call_after_compiled_graphs`, this also works from a function
+    Dynamo inlines (vLLM inlines ``forward_native``), where a reorderable
+    logging call is silently dropped (torch 2.13, 2.14). ``fn`` and ``args``
+    must be constants at trace time: they are read back from this frame.
+    """
+    from torch._dynamo.comptime import comptime
+
+    comptime(_call_with_traced_locals)
+
+
+def _call_with_traced_locals(ctx) -> None:
+    # ComptimeContext.get_local reads this frame's locals (call_when_traced's).
+    ctx.get_local("fn").as_python_constant()(*ctx.get_local("args").as_python_constant())
+
+
 def call_after_compiled_graphs(fn: Callable[..., None]) -> Callable[..., None]:
     """Let ``fn`` (a logging function with constant arguments) run in compiled code.
 

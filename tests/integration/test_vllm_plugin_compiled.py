@@ -80,8 +80,21 @@ def test_compiled_forward_records_like_eager_with_one_graph(lowering, plugin_log
     assert torch.equal(layer.load, eager.load)
     assert layer.load.sum() == sum(SIZES) * 3
     lines = lowering_lines(plugin_log)
-    # One line per layer and lowering, in compiled mode too (two layers here).
+    # One line per layer and lowering (two layers here: the compiled layer's
+    # line comes from its eager warm-up; see the test without one below).
     assert len(lines) == 2 and all(f"lowering={lowering}" in line for line in lines), lines
+
+
+def test_compiled_mode_logs_the_lowering_without_an_eager_forward(lowering, plugin_log):
+    """vLLM compiles before any eager forward: the line must come from Dynamo's
+    trace of the layer (where the lowering is decided), not from an eager call."""
+    layer = Layer(ON, replicated_placement())
+    call, counter = compiled(layer)
+    for num_tokens in (40, 17, 64):
+        layer.forward(*inputs(num_tokens), call=call)
+    assert counter.frame_count >= 1
+    lines = lowering_lines(plugin_log)
+    assert len(lines) == 1 and f"lowering={lowering}" in lines[0], lines
 
 
 def test_compiled_gate_and_padding_take_effect_without_recompiling(lowering):
