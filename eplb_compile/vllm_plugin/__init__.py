@@ -28,7 +28,7 @@ LOG_TAG = f"{OP_NAME}:"  # every log line of the plugin starts with it
 LOGGER_NAME = f"vllm.{__name__}"  # a child of vLLM's logger: same handler and format
 
 # vLLM releases whose internals (vllm_surface.py) were checked and tested.
-SUPPORTED_VLLM_VERSIONS = ("0.33.0",)
+SUPPORTED_VLLM_VERSIONS = ("0.32.0", "0.33.0", "0.34.0")
 
 
 def register() -> None:

@@ -1,4 +1,4 @@
-"""The recorder's hook into vLLM 0.33.0's ``EplbState`` (``distributed/eplb/eplb_state.py``).
+"""The recorder's hook into vLLM's ``EplbState`` (``distributed/eplb/eplb_state.py``).
 
 :func:`install` wraps two methods of the class, once, keeping vLLM's code:
 
@@ -7,8 +7,9 @@
   (a bad key fails the start-up) and, if it asks for it, start this rank's
   recorder and exporter and record the initial map.
 - ``step``: before vLLM copies the pass into its window and zeroes it, hand
-  the pass to the recorder for the steps whose pass goes into the window; after
-  a rearrangement, hand it the new map.
+  the pass to the recorder for the steps whose pass goes into the window; and
+  whenever vLLM wrote a model's map (in this step or since the last one), hand
+  it the new map.
 
 Every ``EplbState`` internal (and the EP group and config reads) goes through
 ``vllm_surface.py``, which names the vLLM 0.33.0 file:line each relies on.
@@ -58,6 +59,7 @@ def _record_new_model(state, recorder: Recorder) -> None:
     index = recorder.add_model(info)
     if recorder.exporter is not None:
         recorder.exporter.add_model(info)
+    recorder.map_versions.append(vllm_surface.map_version(model_state))
     recorder.on_map(index, -1, vllm_surface.physical_to_logical(model_state))
 
 
@@ -106,18 +108,23 @@ def _wrap_step(stock_step):
         number = recorder.step_number
         recorder.step_number += 1
         model_states = vllm_surface.model_states(self)
+        # A map written since the last step (fault-tolerance recovery, elastic
+        # EP, update_mapping) routed this step's pass: file it before this step.
+        _record_changed_maps(recorder, model_states, number - 1)
         # Read before the stock step copies the pass into the window and zeroes it.
         if not is_dummy and vllm_surface.pass_goes_into_window(self, log_stats):
             for index, model_state in enumerate(model_states):
                 recorder.on_pass(index, number, vllm_surface.load_pass(model_state))
-        async_pending = [vllm_surface.async_map_pending(m) for m in model_states]
         stock_step(self, is_dummy, is_profile, log_stats)
-        # A sync rearrangement happens inside the step; an async one commits its
-        # map during a later step, when the pending flag drops.
-        rearranged = vllm_surface.sync_step_rearranged(self)
-        for index, model_state in enumerate(model_states):
-            if rearranged or (async_pending[index] and not vllm_surface.async_map_pending(model_state)):
-                recorder.on_map(index, number, vllm_surface.physical_to_logical(model_state))
+        # A sync rearrangement commits inside the step, an async one during a later one.
+        _record_changed_maps(recorder, model_states, number)
 
     return step
 
+
+def _record_changed_maps(recorder: Recorder, model_states: list, step: int) -> None:
+    for index, model_state in enumerate(model_states):
+        version = vllm_surface.map_version(model_state)
+        if version != recorder.map_versions[index]:
+            recorder.map_versions[index] = version
+            recorder.on_map(index, step, vllm_surface.physical_to_logical(model_state))

@@ -78,6 +78,7 @@ class Recorder:
         self.ep_rank, self.ep_size, self.versions = ep_rank, ep_size, versions
         self.exporter = exporter
         self.models: list[ModelInfo] = []
+        self.map_versions: list = []  # per model, the version of its map last recorded (the step hook's)
         self.step_number = 0  # EPLB steps seen, counted by the step hook
         self.dropped = 0  # passes lost: ring full, or the folder could not be written
         self._logger = logger or logging.getLogger(__name__)

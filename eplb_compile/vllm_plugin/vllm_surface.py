@@ -268,16 +268,22 @@ def physical_to_logical(model_state) -> torch.Tensor:
     return model_state.physical_to_logical_map
 
 
-def async_map_pending(model_state) -> bool:
-    """``EplbModelState.rebalanced`` (:194): an async rearrangement is under
-    way; its map lands during a later step, when this drops back to False."""
-    return getattr(model_state, "rebalanced", False)
+def map_version(model_state) -> tuple[int, int]:
+    """Changes whenever vLLM writes the model's ``physical_to_logical_map``.
 
-
-def sync_step_rearranged(state) -> bool:
-    """Whether the ``step`` that just ran rearranged in sync mode: it then resets
-    ``expert_rearrangement_step`` (:257) to 0 (:692); ``is_async`` is :279."""
-    return not state.is_async and state.expert_rearrangement_step == 0
+    Every writer changes the tensor in place or replaces it: a rearrangement's
+    commit (``_commit_eplb_maps``, 0.33.0 :1388, 0.34.0 :1424: ``copy_``, or a
+    new buffer view when elastic EP changes the slot count), whether sync
+    (inside ``step``), async (during a later ``step``), or outside any step
+    (elastic EP's ``rearrange``, ``update_mapping`` at 0.33.0 :1111 / 0.34.0
+    :1152, and in 0.34.0 fault-tolerance recovery,
+    ``v1/worker/sentinel/gpu_worker_sentinel.py:256-271``, which marks dead
+    slots in place). So the tensor's identity and its version counter
+    (``torch.Tensor._version``, bumped by every in-place write to it or to the
+    buffer it views) tell that it changed, on the host, without a sync.
+    """
+    tensor = model_state.physical_to_logical_map
+    return id(tensor), tensor._version
 
 
 def ep_rank_and_size() -> tuple[int, int]:

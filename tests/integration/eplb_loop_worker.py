@@ -104,12 +104,17 @@ def fill_weights(model, physical_to_logical: torch.Tensor, ep_rank: int) -> None
 
 class _ModelConfig:
     """What ``EplbState.add_model`` reads of a ``ModelConfig``: its name and hash
-    (a real one needs a Hugging Face model to load)."""
+    (a real one needs a Hugging Face model to load). vLLM 0.33.0 keys its model
+    states by ``compute_hash()``; 0.34.0 by ``hash_config_cached``, which
+    hashes ``compile_factors()`` (``distributed/eplb/eplb_state.py:545``)."""
 
     model = MODEL_NAME
 
     def compute_hash(self) -> str:
         return MODEL_NAME
+
+    def compile_factors(self) -> dict:
+        return {"model": MODEL_NAME}
 
 
 def forward(model, config, hidden, logits):
@@ -197,6 +202,12 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
         lowering = "counts" if step % 2 == 0 else "topk"
         os.environ[MIN_TOKENS_ENV] = "0" if lowering == "counts" else str(10**9)
         hidden, logits = step_inputs(step)
+        if step == options.get("remap_before_step"):
+            # A map rewritten between steps, as elastic EP's and fault recovery's
+            # are: vLLM's update_mapping, physical slots 0 and the last swapped.
+            new_map = model_state.physical_to_logical_map_buffer.clone()
+            new_map[:, [0, -1]] = new_map[:, [-1, 0]]
+            state.update_mapping(_ModelConfig(), new_map)
         record = {
             "lowering": lowering,
             "gate": bool(state.should_record_tensor),

@@ -1,4 +1,4 @@
-"""The recorder, the Prometheus exporter and the config, in vLLM 0.33.0's real EPLB loop.
+"""The recorder, the Prometheus exporter and the config, in vLLM's real EPLB loop.
 
 The 2-rank gloo loop of ``test_eplb_loop.py`` runs again with
 ``additional_config={"eplb_compile": {...}}`` and the step hook installed
@@ -199,3 +199,20 @@ def test_config_is_off_by_default_and_parses_every_key():
     assert plugin_config.from_additional_config({"eplb_compile": full}) == plugin_config.ObservabilityConfig(**full)
     with pytest.raises(ValueError, match="must be a JSON object"):
         plugin_config.from_additional_config({"eplb_compile": ["record_dir"]})
+
+
+def test_a_map_rewritten_between_steps_is_filed_before_the_step_it_routes(tmp_path):
+    """Fault-tolerance recovery (vLLM 0.34.0), elastic EP and ``update_mapping``
+    rewrite the maps outside ``EplbState.step``; the recording must still say
+    which map routed each pass."""
+    record_dir = tmp_path / "recording"
+    options = {"record": True, "steps": 4, "remap_before_step": 2,
+               "additional_config": {"eplb_compile": {"record_dir": str(record_dir), "flush_every_steps": 1}}}
+    ranks, _ = run_ranks(tmp_path, json.dumps(options))
+    for result in ranks:
+        _, (_, _, map_steps, maps) = rank_recording(str(record_dir), result["ep_rank"])
+        remapped = result["steps"][2]["physical_to_logical"]
+        assert not torch.equal(remapped, result["steps"][1]["physical_to_logical"])
+        # Filed at step 1: it routed steps 2 and later (vLLM also rearranged at step 0).
+        assert map_steps[-1] == 1 and 2 not in map_steps
+        assert torch.equal(maps[-1], remapped)

