@@ -174,3 +174,14 @@ def test_opcheck(device):
         result = opcheck(op, args)
         assert set(result) == {"test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"}
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_the_ops_only_read_the_gate_and_the_maps():
+    """vLLM 0.34.0 refills its record gate only when the value flips, so a write
+    to it by anyone else would stick: the schemas promise the ops never write
+    the gate, the maps or the counts; only the load is mutated."""
+    mutated = {}
+    for name in ("map_and_record", "map_only", "record_counts"):
+        schema = getattr(OPS, name).default._schema
+        mutated[name] = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated == {"map_and_record": ["expert_load_view"], "map_only": [], "record_counts": ["expert_load_view"]}

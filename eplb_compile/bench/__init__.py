@@ -2,7 +2,7 @@
 
 Defaults: 256 logical + 32 redundant experts (288 physical), top-8, 8 EP
 ranks (36 local experts), Zipf-skewed routing with a per-layer EPLB
-placement, vLLM's map shape ``[256, 1024]``, 58 layers in one CUDA graph
+placement, vLLM 0.34.0's map shape ``[256, 33]`` (``--map-slots 1024``: 0.33.0's), 58 layers in one CUDA graph
 (``timing.py`` says how device and host time are measured).
 
 Every implementation is first checked bit-identical (ids and load; gate on,
@@ -69,7 +69,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-redundant", type=int, default=32)
     parser.add_argument("--top-k", type=_positive, default=8)
     parser.add_argument("--ep-size", type=_positive, default=8)
-    parser.add_argument("--map-slots", type=_positive, default=1024, help="map columns; vLLM allocates 1024")
+    parser.add_argument("--map-slots", type=_positive, default=None,
+                        help="map columns (default: --num-redundant + 1, vLLM 0.34.0's width; 0.32.0 and 0.33.0 "
+                             "allocate 1024)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of expert popularity")
     parser.add_argument("--id-dtype", default="int32", choices=sorted(ID_DTYPES))
     parser.add_argument("--seed", type=int, default=0)
@@ -89,6 +91,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.top_k > args.num_logical:
         print(f"eplb-compile bench: error: --top-k {args.top_k} > --num-logical {args.num_logical}", file=sys.stderr)
         return 2
+    if args.map_slots is None:
+        args.map_slots = args.num_redundant + 1
     device = torch.device("cuda", torch.cuda.current_device())
     return _run(args, device, torch.cuda.get_device_name(device))
 

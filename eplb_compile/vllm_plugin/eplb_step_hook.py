@@ -44,11 +44,31 @@ def _wrap_add_model(stock_add_model):
         # Validated before vLLM allocates anything, so a bad key stops the start-up at once.
         config = from_additional_config(vllm_surface.additional_config())
         result = stock_add_model(self, *args, **kwargs)
+        _say_which_layers_record_themselves(vllm_surface.newest_model_state(self))
         if config.enabled:
             _record_new_model(self, recorder_of(self) or _start(self, config))
         return result
 
     return add_model
+
+
+_said_self_recording: set[str] = set()
+
+
+def _say_which_layers_record_themselves(model_state) -> None:
+    """Once per such layer: the op cannot replace a MegaMoE layer's mapping."""
+    from vllm.logger import init_logger
+
+    from . import LOG_TAG, load_update
+
+    if not load_update.EplbLoadUpdate.enabled():
+        return
+    for name in vllm_surface.self_recording_layers(model_state):
+        if name not in _said_self_recording:
+            _said_self_recording.add(name)
+            init_logger(f"vllm.{__name__}").info(
+                "%s layer=%s maps and records in its own kernel (MegaMoE): vLLM records its load, "
+                "eplb_load_update does not replace it", LOG_TAG, name)
 
 
 def _record_new_model(state, recorder: Recorder) -> None:

@@ -1,7 +1,10 @@
 """Every place the plugin depends on vLLM or PyTorch internals, and nothing else.
 
-On a vLLM upgrade, review this file: each function names the vLLM 0.33.0
-source it depends on (paths under ``vllm/``). The rest of the plugin only
+On a vLLM upgrade, review this file: each function names the vLLM source it
+depends on (paths under ``vllm/``), as ``file:line`` in 0.33.0 then 0.34.0
+(``a / b``); vLLM's CPU build 0.32.0 has the same code, at the lines of
+0.33.0 unless a third number says otherwise. Where the releases differ, the
+plugin needs no branch of its own: each difference is said where it is read. The rest of the plugin only
 calls these functions, vLLM's public ``CustomOp`` API and ``eplb_compile``'s
 public ops. Everything on the forward path here is plain attribute access
 that Dynamo traces without a graph break. It runs a little over 300 lines
@@ -37,8 +40,9 @@ def vllm_version() -> str:
 def after_moe_runner_init(callback: Callable[[Any], None]) -> None:
     """Call ``callback(runner)`` after every ``MoERunner.__init__``.
 
-    ``model_executor/layers/fused_moe/runner/moe_runner.py:250`` (``__init__``
-    sets ``self.router`` at :266 and ``self.routed_experts`` at :272).
+    ``model_executor/layers/fused_moe/runner/moe_runner.py:250 / :255``
+    (``__init__`` sets ``self.router`` at :266 / :271 and
+    ``self.routed_experts`` at :272 / :277).
     MoERunner is the one class every fused-MoE layer is built as, through
     ``FusedMoEFactory``, so this is where a layer's EPLB state first exists.
     """
@@ -61,7 +65,7 @@ def eplb_router(runner):
     """The runner's router if it is vLLM's ``BaseRouter`` with EPLB on, else None.
 
     ``router/base_router.py``: ``BaseRouter.eplb_state`` is an
-    ``EplbLayerState`` (``distributed/eplb/eplb_state.py:1192``) when EPLB is on.
+    ``EplbLayerState`` (``distributed/eplb/eplb_state.py:1192 / :1233``) when EPLB is on.
     """
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
@@ -79,9 +83,13 @@ def is_routed(router) -> bool:
 def route_eplb_mapping_through(router, mapping: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Make ``router._apply_eplb_mapping`` call ``mapping``.
 
-    ``router/base_router.py:203`` defines ``_apply_eplb_mapping(topk_ids)``,
-    called once per forward from ``_select_experts`` (:300); its stock body
-    calls ``eplb_map_to_physical_and_record``. Set on the instance only, so the
+    ``router/base_router.py:203 / :189`` defines ``_apply_eplb_mapping(topk_ids)``,
+    called once per forward from ``_select_experts`` (:300 / :286); its stock
+    body calls ``eplb_map_to_physical_and_record`` (0.34.0's kernel body is the
+    shared ``fused_moe/eplb_triton.py:eplb_map_and_record``, same rules).
+    MegaMoE layers (``DeepGemmMegaMoEExperts``) map and record in their own
+    kernel and are not ``MoERunner``s, so they never get here (see
+    :func:`self_recording_layers`). Set on the instance only, so the
     class and every other router stay stock.
     """
     router._apply_eplb_mapping = mapping
@@ -117,7 +125,7 @@ def install_capability(name: str, default, per_backend: dict[tuple[str, str], An
 def deepep_ht_expert_alignment() -> int | None:
     """The ``expert_alignment`` vLLM passes to DeepEP HT dispatch (1 in 0.33.0).
 
-    ``prepare_finalize/deepep_ht.py:185``. Read from the module's source,
+    ``prepare_finalize/deepep_ht.py:185 / :185`` (0.32.0 :164). Read from the module's source,
     which needs no ``deep_ep`` installed; None unless every call site passes
     the same literal.
     """
@@ -140,7 +148,7 @@ def modular_kernel(runner):
     """The layer's ``FusedMoEKernelModularImpl``, or None (monolithic, none yet).
 
     ``runner.routed_experts.quant_method.moe_kernel`` is a ``FusedMoEKernel``
-    whose ``.impl`` is modular or monolithic (``modular_kernel.py:1704-1716``).
+    whose ``.impl`` is modular or monolithic (``modular_kernel.py:1704-1716 / :1767-1779``).
     Looked up per forward: vLLM installs the kernel after the runner is built.
     """
     from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernelModularImpl
@@ -153,9 +161,9 @@ def modular_kernel(runner):
 def after_every_prepare(callback: Callable[[Any], None]) -> None:
     """Call ``callback(expert_tokens_meta)`` after every modular kernel's ``_prepare``.
 
-    ``modular_kernel.py:1236``: ``FusedMoEKernelModularImpl._prepare`` returns
+    ``modular_kernel.py:1236 / :1296`` (0.32.0 :1170): ``FusedMoEKernelModularImpl._prepare`` returns
     ``(a1q, a1q_scale, expert_tokens_meta, topk_ids, topk_weights)``, unpacked
-    by name at its call site (:1547). Dispatch has happened by then, so
+    by name at its call site (:1547 / :1607). Dispatch has happened by then, so
     ``expert_num_tokens`` holds what this rank's experts received. Wrapped once
     on the class, before any forward: a wrapper added to an instance at its
     first forward would be state that a compiled graph guards on.
@@ -177,7 +185,7 @@ def after_every_prepare(callback: Callable[[Any], None]) -> None:
 
 
 def ubatch_id() -> int:
-    """``v1/worker/ubatching.py:154`` ``dbo_current_ubatch_id()``: which
+    """``v1/worker/ubatching.py:154 / :154`` ``dbo_current_ubatch_id()``: which
     micro-batch runs (indexes ``EplbLayerState.num_unpadded_tokens_tensors``)."""
     from vllm.v1.worker.ubatching import dbo_current_ubatch_id
 
@@ -187,7 +195,7 @@ def ubatch_id() -> int:
 def dp_max_num_tokens(local_num_tokens: int) -> int:
     """The largest token count of any DP rank in this forward (eager only).
 
-    ``forward_context.py:82``: ``DPMetadata.num_tokens_across_dp_cpu``, a CPU
+    ``forward_context.py:82 / :78``: ``DPMetadata.num_tokens_across_dp_cpu``, a CPU
     tensor, present when the forward context has DP metadata.
     """
     from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -208,7 +216,7 @@ def dp_max_num_tokens(local_num_tokens: int) -> int:
 
 
 def wrap_eplb_state_methods(add_model_wrapper: Callable, step_wrapper: Callable) -> None:
-    """Replace ``EplbState.add_model`` (:362) and ``EplbState.step`` (:561) by
+    """Replace ``EplbState.add_model`` (:362 / :369) and ``EplbState.step`` (:561 / :580) by
     ``wrapper(stock_method)``, once. ``add_model`` builds a model's EPLB state
     with vLLM's config current; ``step`` copies the pass into the window."""
     from vllm.distributed.eplb.eplb_state import EplbState
@@ -222,8 +230,9 @@ def wrap_eplb_state_methods(add_model_wrapper: Callable, step_wrapper: Callable)
 
 
 def model_states(state) -> list:
-    """``EplbState.model_states`` (:240): a dict keyed by model config hash,
-    filled by ``add_model`` (:526), in insertion order."""
+    """``EplbState.model_states`` (:240 / :241): a dict filled by ``add_model``
+    (:526 / :545), in insertion order. Its key differs (``compute_hash()`` /
+    ``hash_config_cached``); only the values are read."""
     return list(state.model_states.values())
 
 
@@ -235,35 +244,57 @@ def newest_model_state(state):
 def model_description(model_state) -> tuple[str, list[str], int, int]:
     """``(name, layer_names, num_logical, num_physical)`` of a model's EPLB state.
 
-    ``EplbModelState.model_name`` (:188) and ``.model`` (:189), a
-    ``MixtureOfExperts`` (``model_executor/models/interfaces.py:1072-1090``:
-    ``num_logical_experts``, ``num_physical_experts``, ``moe_layers``) whose
-    layers are ``MoERunner`` objects named by ``layer_name`` (``runner/moe_runner.py:294``).
+    ``EplbModelState.model_name`` (:188 / :189) and ``.model`` (:189 / :190), a
+    ``MixtureOfExperts`` (``model_executor/models/interfaces.py:1072-1090 /
+    :1071-1089``: ``num_logical_experts``, ``num_physical_experts``,
+    ``moe_layers``) whose layers are ``MoERunner`` objects named by
+    ``layer_name`` (``runner/moe_runner.py:294 / :299``), or MegaMoE layers,
+    which have only a ``prefix`` (``fused_moe/deep_gemm_mega_moe.py``, 0.34.0 :293).
     """
     model = model_state.model
-    layer_names = [str(layer.layer_name) for layer in model.moe_layers]
+    layer_names = [_layer_name(layer) for layer in model.moe_layers]
     return model_state.model_name, layer_names, model.num_logical_experts, model.num_physical_experts
 
 
+def _layer_name(layer) -> str:
+    name = getattr(layer, "layer_name", None)
+    return str(name if name is not None else layer.prefix)
+
+
+def self_recording_layers(model_state) -> list[str]:
+    """Names of the model's EPLB layers that map and record in their own kernel.
+
+    Those are the entries of ``moe_layers`` that are not ``MoERunner``s:
+    MegaMoE's ``DeepGemmMegaMoEExperts`` (``fused_moe/deep_gemm_mega_moe.py:235
+    / :231``) calls the router's mapping function directly in 0.33.0
+    (:765-784) and maps and records inside its input-staging kernel in 0.34.0
+    (``fused_moe/prepare_megamoe.py:127-141``), never through
+    ``_apply_eplb_mapping``. Their load still lands in ``expert_load_pass``.
+    """
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    return [_layer_name(layer) for layer in model_state.model.moe_layers if not isinstance(layer, MoERunner)]
+
+
 def window_size(state) -> int:
-    """``EplbState.expert_load_window_size`` (:252, set by ``add_model`` at :457)."""
+    """``EplbState.expert_load_window_size`` (:252 / :253, set by ``add_model`` at :457 / :469)."""
     return state.expert_load_window_size
 
 
 def pass_goes_into_window(state, log_stats: bool) -> bool:
-    """``EplbState._should_record_current_step`` (:697): the test a non-dummy
+    """``EplbState._should_record_current_step`` (:697 / :738): the test a non-dummy
     ``step`` makes before it copies the pass into the window and zeroes it
-    (:646-655). Reads host counters only."""
+    (:647-655 / :666-674). Reads host counters only."""
     return state._should_record_current_step(log_stats=log_stats)
 
 
 def load_pass(model_state) -> torch.Tensor:
-    """``EplbModelState.expert_load_pass`` (:163), ``[layers, physical]``, this step's counts."""
+    """``EplbModelState.expert_load_pass`` (:163 / :164), ``[layers, physical]``, this step's counts."""
     return model_state.expert_load_pass
 
 
 def physical_to_logical(model_state) -> torch.Tensor:
-    """``EplbModelState.physical_to_logical_map`` (:105), updated in place when
+    """``EplbModelState.physical_to_logical_map`` (:105 / :106), updated in place when
     a rearrangement commits (``_commit_eplb_maps``)."""
     return model_state.physical_to_logical_map
 
@@ -288,8 +319,9 @@ def map_version(model_state) -> tuple[int, int]:
 
 def ep_rank_and_size() -> tuple[int, int]:
     """This rank and the size of vLLM's EP group, the one ``EplbState.step``
-    uses (:586): ``distributed/parallel_state.py:1660`` ``get_ep_group()``,
-    ``GroupCoordinator.rank_in_group`` / ``world_size`` (:448, :439)."""
+    uses (:586 / :605): ``distributed/parallel_state.py:1660 / :1664``
+    ``get_ep_group()``, ``GroupCoordinator.rank_in_group`` / ``world_size``
+    (:448 / :448, :439 / :439)."""
     from vllm.distributed.parallel_state import get_ep_group
 
     group = get_ep_group()
@@ -297,9 +329,9 @@ def ep_rank_and_size() -> tuple[int, int]:
 
 
 def additional_config() -> Any:
-    """The current ``VllmConfig.additional_config`` (``config/vllm.py:429``, a
-    dict or ``SupportsHash``); None outside a config context
-    (``get_current_vllm_config_or_none``, :3633)."""
+    """The current ``VllmConfig.additional_config`` (``config/vllm.py:429 /
+    :459``, a dict, or an object in 0.34.0); None outside a config context
+    (``get_current_vllm_config_or_none``, :3633 / :3769)."""
     from vllm.config import get_current_vllm_config_or_none
 
     vllm_config = get_current_vllm_config_or_none()

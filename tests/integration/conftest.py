@@ -18,10 +18,15 @@ import importlib.util
 import logging
 import os
 
-os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # else VllmConfig() cannot infer a device
-
 import pytest
 import torch
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # else VllmConfig() cannot infer a device
+if not torch.cuda.is_available():
+    # vLLM 0.34.0 refuses an x86 CPU platform without a usable Triton
+    # (platforms/cpu.py:242-243); with no CUDA device visible, its Triton check
+    # accepts a Triton that has no active driver. Set before vLLM is imported.
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import torch.nn.functional as F
 
 

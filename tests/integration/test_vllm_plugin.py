@@ -1,5 +1,5 @@
-"""The vLLM plugin against the real vLLM 0.33.0, on CPU, eagerly, with no vLLM class mocked
-(the layers are built by ``vllm_layers``)."""
+"""The vLLM plugin against the real vLLM (0.32.0, 0.33.0 or 0.34.0), on CPU, eagerly, with no
+vLLM class mocked (the layers are built by ``vllm_layers``)."""
 
 from __future__ import annotations
 
@@ -287,6 +287,57 @@ def test_exact_count_capability_per_backend():
     assert vllm_surface.deepep_ht_expert_alignment() == 1
 
 
+def test_only_backends_with_per_expert_counts_claim_them():
+    """Every prepare/finalize class of the installed vLLM: only the four whose
+    ``expert_num_tokens`` is exact per local expert may take the count path.
+    MoRI (v1, and vLLM 0.34.0's EPv2) puts one total per rank there, and EPv2
+    sends padding rows to local experts."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import vllm.model_executor.layers.fused_moe.prepare_finalize as package
+
+    claiming = set()
+    for module_info in pkgutil.iter_modules(package.__path__):
+        try:
+            module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+        except ImportError:  # an optional dependency (deep_ep, nixl_ep, mori) is absent
+            continue
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, FusedMoEPrepareAndFinalize) and cls.__module__ == module.__name__:
+                if getattr(cls, backends.CAPABILITY) is not backends.never:
+                    claiming.add((module_info.name, name))
+    assert claiming <= set(backends.EXACT_COUNT_BACKENDS)
+    assert ("batched", "BatchedPrepareAndFinalize") in claiming
+    if vllm_surface.vllm_version().startswith("0.34"):
+        from vllm.model_executor.layers.fused_moe.prepare_finalize.mori_epv2 import MoriEPv2PrepareAndFinalize
+
+        assert MoriEPv2PrepareAndFinalize.supports_exact_expert_num_tokens is backends.never
+
+
+def test_a_layer_that_maps_in_its_own_kernel_is_named_and_said_once(plugin_log):
+    """MegaMoE layers are not MoERunners: the op cannot replace their mapping
+    (they map and record themselves), the plugin says so once per layer, and
+    the recorder still names them (they have a prefix, no layer_name)."""
+    import types
+
+    from eplb_compile.vllm_plugin import eplb_step_hook
+
+    runner = Layer(ON, replicated_placement())
+    mega = torch.nn.Module()
+    mega.prefix = "model.layers.7.mlp.experts"
+    model = types.SimpleNamespace(moe_layers=[runner.runner, mega], num_logical_experts=8, num_physical_experts=12)
+    model_state = types.SimpleNamespace(model=model, model_name="m")
+    assert vllm_surface.model_description(model_state)[1] == ["model.layers.3.mlp.experts", mega.prefix]
+    assert vllm_surface.self_recording_layers(model_state) == [mega.prefix]
+    with set_current_vllm_config(runner.config):
+        eplb_step_hook._say_which_layers_record_themselves(model_state)
+        eplb_step_hook._say_which_layers_record_themselves(model_state)
+    lines = [r.getMessage() for r in plugin_log if "own kernel" in r.getMessage()]
+    assert len(lines) == 1 and mega.prefix in lines[0], lines
+
+
 def test_register_and_attach_are_reentrant():
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
@@ -347,7 +398,7 @@ def test_unsupported_vllm_release_stays_stock_with_one_log_line():
     script = textwrap.dedent(
         """
         import json, logging, vllm
-        vllm.__version__ = "0.34.0"  # a release the plugin was not checked against
+        vllm.__version__ = "0.99.0"  # a release that does not exist, so never checked against
         records = []
         handler = logging.Handler(); handler.emit = records.append
         logger = logging.getLogger("vllm.eplb_compile.vllm_plugin")
@@ -371,5 +422,6 @@ def test_unsupported_vllm_release_stays_stock_with_one_log_line():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["op_registered"] is False and result["init_hooked"] is False and result["capability"] is False
     assert result["lines"] == [
-        "eplb_load_update: vLLM 0.34.0 is not supported (supported: 0.33.0); eplb_compile leaves vLLM stock"
+        "eplb_load_update: vLLM 0.99.0 is not supported (supported: 0.32.0, 0.33.0, 0.34.0); "
+        "eplb_compile leaves vLLM stock"
     ]
