@@ -141,8 +141,34 @@ def test_plotting_without_matplotlib_says_how_to_install_it(argv, capsys, tmp_pa
 
 def test_examples_user_errors(capsys, tmp_path):
     assert "argument --ranks: must divide the 16 physical experts" in _user_error(["examples", "--ranks", "3"], capsys)
-    line = _user_error(["examples", "--out", str(tmp_path / "missing")], capsys)
+    line = _user_error(["examples", "--out", str(tmp_path / "missing" / "deeper")], capsys)
     assert "argument --out:" in line and "does not exist" in line
+    (tmp_path / "README.md").write_text("x")
+    line = _user_error(["examples", "--out", str(tmp_path / "README.md")], capsys)
+    assert "argument --out:" in line and "is a file, expected a directory" in line
+
+
+def test_examples_never_writes_into_the_repository_by_default():
+    from eplb_compile.cli import build_parser
+
+    assert build_parser().parse_args(["examples"]).out == Path("eplb_compile_examples")
+
+
+def test_plot_of_a_directory_says_so(capsys, tmp_path):
+    line = _user_error(["plot", str(tmp_path), "--ep-size", "4", "-o", str(tmp_path / "h.png")], capsys)
+    assert "is a directory" in line and "no such file" not in line
+
+
+def test_help_shows_no_rst_backticks(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+def test_bench_offers_no_device_it_refuses(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--device" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,6 @@ def _token_list(text: str) -> tuple[int, ...]:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="only cuda can be timed")
     parser.add_argument("--tokens", type=_token_list, default=None,
                         help=f"comma-separated tokens per rank (default {','.join(map(str, DEFAULT_TOKENS))})")
     parser.add_argument("--layers", type=_positive, default=58, help="MoE layers captured in one CUDA graph")
@@ -78,9 +77,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.device != "cuda" or not torch.cuda.is_available():
-        print("eplb-compile bench: error: needs a CUDA GPU "
-              f"(--device {args.device}, torch.cuda.is_available() = {torch.cuda.is_available()})", file=sys.stderr)
+    if not torch.cuda.is_available():
+        print("eplb-compile bench: error: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     if args.num_redundant < 0 or (args.num_logical + args.num_redundant) % args.ep_size:
         print(f"eplb-compile bench: error: --num-logical + --num-redundant must be >= --num-logical and split "
