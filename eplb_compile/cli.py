@@ -78,7 +78,7 @@ def _check_cuda(parser, device: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from eplb_compile.demo import DemoConfig, format_report, run_demo, verify
+    from eplb_compile.demo import DemoConfig, format_report, lowering_mismatches, run_demo
 
     parser = args.parser
     defaults = DemoConfig()
@@ -112,7 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
 
         torch.save(result.loads["topk"], args.save_window)
         print(f"wrote {args.save_window} ([steps, layers, physical] global loads)")
-    problems = verify(result)
+    problems = lowering_mismatches(result)
     if problems:
         print("MISMATCH between the lowerings and the reference:", *problems, sep="\n  ")
         return 1
@@ -133,7 +133,7 @@ def _graphs(args: argparse.Namespace) -> int:
         capture.regenerate(args.out, args.device)
         return 0
     for path in capture.PATHS:
-        for kind, text in capture.capture(path, args.device).items():
+        for kind, text in capture.capture_graphs(path, args.device).items():
             print(f"===== {path} / {kind} =====")
             print(text)
     return 0

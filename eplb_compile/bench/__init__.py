@@ -108,7 +108,7 @@ class _Measurer:
 
     def measure(self, impls, tokens: int, rename: dict[str, str] | None = None) -> None:
         from eplb_compile.bench.impls import check_impl, layer_call
-        from eplb_compile.bench.timing import capture, time_graphs
+        from eplb_compile.bench.timing import capture_cuda_graph, time_graphs
 
         rename = rename or {}
         w = self.work[tokens]
@@ -123,7 +123,7 @@ class _Measurer:
                 continue
             w.loads.zero_()
             try:
-                graphs[rename.get(impl.name, impl.name)] = capture(layer_call(impl, self.setup, w), self.setup.layers)
+                graphs[rename.get(impl.name, impl.name)] = capture_cuda_graph(layer_call(impl, self.setup, w), self.setup.layers)
             except Exception as error:  # noqa: BLE001 - report it, time the others
                 self._fail(tokens, impl.name, f"CUDA graph capture failed: {type(error).__name__}: {error}")
         self.samples[tokens].update(time_graphs(graphs, self.setup.layers, self.replays, self.repeats))

@@ -24,7 +24,7 @@ from eplb_compile.bench.inputs import Setup, Workload
 from eplb_compile.kernels.call import KernelCall
 
 
-def capture(call: Callable[[int], object], layers: int) -> torch.cuda.CUDAGraph:
+def capture_cuda_graph(call: Callable[[int], object], layers: int) -> torch.cuda.CUDAGraph:
     for layer in range(layers):  # eager first: Triton and NVRTC build outside the capture
         call(layer)
     torch.cuda.synchronize()
