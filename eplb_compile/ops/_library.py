@@ -113,12 +113,12 @@ def map_and_record_python(ids, l2p, rc, load, gate, unpadded=None):
 
 
 def _map_and_record_fake(ids, l2p, rc, load, gate, unpadded=None):
-    MAP_AND_RECORD.check(ids, l2p, rc, load, gate, unpadded)
+    MAP_AND_RECORD.check_symbolic(ids, l2p, rc, load, gate, unpadded)
     return ids.new_empty(ids.shape)
 
 
 def _map_and_record_traced(ids, l2p, rc, load, gate, unpadded=None):
-    MAP_AND_RECORD.check(ids, l2p, rc, load, gate, unpadded)
+    MAP_AND_RECORD.check_symbolic(ids, l2p, rc, load, gate, unpadded)
     if not on_cuda(ids):
         return _torch_impl.map_and_record(ids, l2p, rc, load, gate, unpadded)
     triton_kernels = gpu_modules().triton_kernels
@@ -167,12 +167,12 @@ def map_only_python(ids, l2p, rc, unpadded=None):
 
 
 def _map_only_fake(ids, l2p, rc, unpadded=None):
-    MAP_ONLY.check(ids, l2p, rc, unpadded)
+    MAP_ONLY.check_symbolic(ids, l2p, rc, unpadded)
     return ids.new_empty(ids.shape)
 
 
 def _map_only_traced(ids, l2p, rc, unpadded=None):
-    MAP_ONLY.check(ids, l2p, rc, unpadded)
+    MAP_ONLY.check_symbolic(ids, l2p, rc, unpadded)
     if not on_cuda(ids):
         return _torch_impl.map_only(ids, l2p, rc, unpadded)
     triton_kernels = gpu_modules().triton_kernels
@@ -213,11 +213,11 @@ def record_counts_python(load, counts, start, gate):
 
 
 def _record_counts_fake(load, counts, start, gate):
-    RECORD_COUNTS.check(load, counts, start, gate)
+    RECORD_COUNTS.check_symbolic(load, counts, start, gate)
 
 
 def _record_counts_traced(load, counts, start, gate):
-    RECORD_COUNTS.check(load, counts, start, gate)
+    RECORD_COUNTS.check_symbolic(load, counts, start, gate)
     # Plain torch on every device, so Inductor fuses it with its neighbours
     # into generated code (one kernel on CUDA).
     _torch_impl.record_counts(load, counts, start, gate)
