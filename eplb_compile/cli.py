@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", type=Path, default=Path("load_heatmap.png"), help="PNG to write")
     plot.set_defaults(func=_plot, parser=plot)
 
-    examples = sub.add_parser("examples", help="run the gloo simulation and draw the README's example figures")
+    examples = sub.add_parser("examples", help="run the gloo simulation and draw the example figures (graphs/README.md)")
     examples.add_argument("--out", type=Path, default=Path("eplb_compile_examples"),
                           help="directory for the figures, made if missing (default: ./eplb_compile_examples; "
                                "the committed ones are regenerated with --out graphs)")

@@ -49,7 +49,7 @@ class SimConfig:
         return self.num_logical + self.num_redundant
 
 
-# The run behind the README's example figures (``eplb-compile examples``).
+# The run behind the example figures in graphs/ (``eplb-compile examples``).
 EXAMPLE_CONFIG = SimConfig(steps=40, gate_off_steps=tuple(range(10, 14)), max_tokens=256, window_size=8)
 
 
