@@ -24,7 +24,7 @@ def no_long_work(monkeypatch):
         raise AssertionError("the long work started before the arguments were checked")
 
     monkeypatch.setattr(demo, "run_demo", refuse)
-    monkeypatch.setattr(capture, "capture", refuse)
+    monkeypatch.setattr(capture, "capture_graphs", refuse)
     monkeypatch.setattr(capture, "regenerate", refuse)
     monkeypatch.setattr(ep_simulation, "run_spawned", refuse)
 

@@ -80,6 +80,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("eplb-compile bench: error: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
+    from eplb_compile.kernels import eager_extension
+
+    try:
+        eager_extension.enabled()
+    except ValueError as error:
+        print(f"eplb-compile bench: error: {error}", file=sys.stderr)
+        return 2
     if args.num_redundant < 0 or (args.num_logical + args.num_redundant) % args.ep_size:
         print(f"eplb-compile bench: error: --num-logical + --num-redundant must be >= --num-logical and split "
               f"over --ep-size {args.ep_size} ranks", file=sys.stderr)
@@ -152,8 +159,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
 
     vllm_fn, vllm_status = impls.load_vllm(args.vllm_src)
     launcher = eager_extension.wait()  # the eager calls below time what users run
-    launcher_status = ("built" if launcher is not None
-                       else f"not used ({eager_extension.failure() or eager_extension.ENV + '=0'}): Python path")
+    launcher_status = "built" if launcher is not None else f"not used ({eager_extension.state()}): Python path"
     reference = "vllm" if vllm_fn is not None else impls.VARIANT_PREFIX + "triton"
     card_plan = plans.plan_for_device(device)
     print(f"# eplb-compile bench on {gpu}; torch {torch.__version__}, Triton {triton.__version__}; {stamp}")

@@ -104,8 +104,9 @@ def map_and_record_python(ids, l2p, rc, load, gate, unpadded=None):
     """The CUDA implementation's Python path: what runs the calls the C++ launcher does not take."""
     MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), load, gate, unpadded)
-    gpu_modules().chooser.choose(call, validated=True).launch(call)
-    eager_extension.learn(call)
+    choice = gpu_modules().chooser.choose(call, validated=True)
+    eager_extension.learn(call)  # before the launch: a refused EPLB_COMPILE_EAGER_LAUNCHER changes nothing
+    choice.launch(call)
     # The kernel writes through a pointer; bump the version as the dispatcher
     # does for a Tensor(a!) argument (the launch runs inside the implementation).
     torch.autograd.graph.increment_version(load)
@@ -161,8 +162,9 @@ def map_only_python(ids, l2p, rc, unpadded=None):
     MAP_ONLY.validate(ids, l2p, rc, unpadded)
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), None, None,
                       unpadded)
-    gpu_modules().chooser.choose(call, validated=True).launch(call)
-    eager_extension.learn(call)
+    choice = gpu_modules().chooser.choose(call, validated=True)
+    eager_extension.learn(call)  # before the launch: a refused EPLB_COMPILE_EAGER_LAUNCHER changes nothing
+    choice.launch(call)
     return call.out
 
 
@@ -205,8 +207,9 @@ def record_counts_cuda(load, counts, start, gate):
 def record_counts_python(load, counts, start, gate):
     RECORD_COUNTS.validate(load, counts, start, gate)
     device = load.get_device()
-    gpu_modules().chooser.choose_counts(device).launch(load, counts, start, gate)
+    choice = gpu_modules().chooser.choose_counts(device)
     eager_extension.learn_counts(device)
+    choice.launch(load, counts, start, gate)
     # The kernel writes through a pointer; bump the version as the dispatcher
     # does for a Tensor(a!) argument (and as the torch fallback's add does).
     torch.autograd.graph.increment_version(load)
