@@ -123,7 +123,7 @@ def test_the_launchers_states_give_the_reason(monkeypatch):
     monkeypatch.setattr(eager_extension, "_module", object())
     assert eager_extension.state() == ""
     assert "only this package's CUDA kernels" in route._why_launcher_declines(False, True, cuda_kernel=False)
-    assert "no table" in route._why_launcher_declines(False, False)
+    assert "no launch table" in route._why_launcher_declines(False, False)
     assert "outside the C++ launcher's limits" in route._why_launcher_declines(False, True)
     assert route._why_launcher_declines(True, True) == ""
 

@@ -128,6 +128,6 @@ def _why_launcher_declines(takes: bool, has_table: bool, cuda_kernel: bool = Tru
     if not cuda_kernel:
         return "the C++ launcher runs only this package's CUDA kernels, not this one"
     if not has_table:
-        return ("the C++ launcher has no table for this (device, id dtype, k) yet: the first Python-path call "
-                "of each shape hands it one")
+        return ("the C++ launcher has no launch table for this call's shape yet (device, and for the topk ops "
+                "id dtype and k): the first Python-path call of each shape hands it one")
     return "the call is outside the C++ launcher's limits (e.g. strided ids, or a histogram past shared memory)"
