@@ -75,6 +75,13 @@ def _check_cuda(parser, device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda requested but no CUDA device is available; use --device cpu")
+    if device == "cuda":
+        from eplb_compile.kernels import eager_extension
+
+        try:
+            eager_extension.enabled()
+        except ValueError as error:
+            parser.error(str(error))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -181,3 +181,11 @@ def test_installed_entry_point_prints_no_traceback(argv, option, tmp_path):
                           cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and f"argument {option}:" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "graphs"])
+def test_a_refused_launcher_switch_is_one_line_before_any_work(command, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU check, to the switch
+    monkeypatch.setenv("EPLB_COMPILE_EAGER_LAUNCHER", "maybe")
+    line = _user_error([command, "--device", "cuda"], capsys)
+    assert "EPLB_COMPILE_EAGER_LAUNCHER must be one of" in line and "'maybe'" in line
