@@ -90,7 +90,7 @@ def summarise_output_code(code: str) -> str:
     return "\n".join(summary) + "\n"
 
 
-def capture(path: str, device: str = "cpu") -> dict[str, str]:
+def capture_graphs(path: str, device: str = "cpu") -> dict[str, str]:
     """Compile ``path`` (``topk_path`` or ``count_path``) and return its three texts."""
     fn, args = _inputs(device)[path]
     dynamo_graphs: list[str] = []
@@ -132,7 +132,7 @@ def regenerate(out_dir: str | Path, device: str = "cpu", emit: Callable[[str], N
     if not out_dir.is_dir():
         raise FileNotFoundError(f"goldens directory {out_dir} does not exist; pass an existing directory")
     for path in PATHS:
-        for kind, text in capture(path, device).items():
+        for kind, text in capture_graphs(path, device).items():
             target = out_dir / golden_name(path, kind, device)
             target.write_text(header() + text)
             emit(f"wrote {target}")

@@ -1,4 +1,4 @@
-"""``eplb-compile``: demo (the main job, CPU by default), graphs, bench, plot, examples, report.
+"""eplb-compile: demo (the main job, CPU by default), graphs, bench, plot, examples, report.
 
 A user's mistake is reported on one line of stderr naming the option and what
 it accepts, with exit status 2, before any long work starts.
@@ -52,9 +52,13 @@ def _check_output_file(parser, option: str, path: Path, suffix: str | None = Non
         parser.error(f"argument {option}: directory {str(parent)!r} is not writable")
 
 
-def _check_output_dir(parser, option: str, path: Path) -> None:
-    if not path.is_dir():
-        parser.error(f"argument {option}: directory {str(path)!r} does not exist (pass an existing directory)")
+def _check_output_dir(parser, option: str, path: Path, create: bool = False) -> None:
+    """An existing directory; with ``create``, also one whose parent exists (made by the command)."""
+    if path.exists() and not path.is_dir():
+        parser.error(f"argument {option}: {str(path)!r} is a file, expected a directory")
+    if not path.is_dir() and not (create and path.parent.is_dir()):
+        parser.error(f"argument {option}: directory {str(path if not create else path.parent)!r} does not exist "
+                     "(pass an existing directory)")
 
 
 def _check_matplotlib(parser, option: str) -> None:
@@ -71,10 +75,17 @@ def _check_cuda(parser, device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda requested but no CUDA device is available; use --device cpu")
+    if device == "cuda":
+        from eplb_compile.kernels import eager_extension
+
+        try:
+            eager_extension.enabled()
+        except ValueError as error:
+            parser.error(str(error))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from eplb_compile.demo import DemoConfig, format_report, run_demo, verify
+    from eplb_compile.demo import DemoConfig, format_report, lowering_mismatches, run_demo
 
     parser = args.parser
     defaults = DemoConfig()
@@ -108,7 +119,7 @@ def _demo(args: argparse.Namespace) -> int:
 
         torch.save(result.loads["topk"], args.save_window)
         print(f"wrote {args.save_window} ([steps, layers, physical] global loads)")
-    problems = verify(result)
+    problems = lowering_mismatches(result)
     if problems:
         print("MISMATCH between the lowerings and the reference:", *problems, sep="\n  ")
         return 1
@@ -129,7 +140,7 @@ def _graphs(args: argparse.Namespace) -> int:
         capture.regenerate(args.out, args.device)
         return 0
     for path in capture.PATHS:
-        for kind, text in capture.capture(path, args.device).items():
+        for kind, text in capture.capture_graphs(path, args.device).items():
             print(f"===== {path} / {kind} =====")
             print(text)
     return 0
@@ -142,6 +153,8 @@ _WINDOW_FILE = ("a saved load window: a torch.save'd integer tensor [layers, phy
 def _read_load_window(parser, path: Path):
     import torch
 
+    if path.is_dir():
+        parser.error(f"argument load: {str(path)!r} is a directory, expected {_WINDOW_FILE}")
     if not path.is_file():
         parser.error(f"argument load: no such file {str(path)!r}")
     try:
@@ -178,16 +191,15 @@ def _examples(args: argparse.Namespace) -> int:
 
     parser = args.parser
     _check_divides(parser, "--ranks", args.ranks, cfg.num_physical, f"{cfg.num_physical} physical experts")
-    _check_output_dir(parser, "--out", args.out)
+    _check_output_dir(parser, "--out", args.out, create=True)
     _check_matplotlib(parser, "eplb-compile examples")
-    from eplb_compile.ep_simulation import run_spawned, verify
+    from eplb_compile.ep_simulation import example_title, run_spawned, verify
     from eplb_compile.plots import write_example_figures
 
     results = run_spawned(cfg, args.ranks)
     windows = {name: results[0][f"{name}_windows"] for name in ("topk", "counts")}
-    gate_off = f"{min(cfg.gate_off_steps)}-{max(cfg.gate_off_steps)}"
-    title = f"Window imbalance per layer, {args.ranks} gloo ranks (record gate off at steps {gate_off})"
-    for path in write_example_figures(windows, args.ranks, args.out, title=title):
+    args.out.mkdir(exist_ok=True)
+    for path in write_example_figures(windows, args.ranks, args.out, title=example_title(cfg, args.ranks)):
         print(f"wrote {path}")
     failures = verify(cfg, args.ranks, results)
     if failures:
@@ -222,14 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     graphs.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     graphs.set_defaults(func=_graphs, parser=graphs)
 
-    bench = sub.add_parser("bench", help="time the lowerings against vLLM's kernel (needs CUDA)")
-    try:
-        from eplb_compile.bench import add_bench_arguments, run_bench
-    except ImportError as error:  # Triton missing: say so when asked
-        bench.set_defaults(func=lambda _args, error=error: _unavailable("bench", error))
-    else:
-        add_bench_arguments(bench)
-        bench.set_defaults(func=run_bench)
+    from eplb_compile.bench import add_bench_arguments, run_bench
+
+    bench = sub.add_parser("bench", help="time the lowerings against vLLM's kernel (needs a CUDA GPU)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
 
     plot = sub.add_parser("plot", help="draw a layer x rank load heatmap from a saved load window (needs [plot])")
     plot.add_argument("load", type=Path, help="torch.save'd int tensor: [layers, physical] or [steps, layers, physical]")
@@ -237,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", type=Path, default=Path("load_heatmap.png"), help="PNG to write")
     plot.set_defaults(func=_plot, parser=plot)
 
-    examples = sub.add_parser("examples", help="run the gloo simulation and draw the README's example figures")
-    examples.add_argument("--out", type=Path, default=Path("graphs"), help="existing directory (default: ./graphs)")
+    examples = sub.add_parser("examples", help="run the gloo simulation and draw the example figures (graphs/README.md)")
+    examples.add_argument("--out", type=Path, default=Path("eplb_compile_examples"),
+                          help="directory for the figures, made if missing (default: ./eplb_compile_examples; "
+                               "the committed ones are regenerated with --out graphs)")
     examples.add_argument("--ranks", type=positive, default=4, help="gloo processes (EP ranks)")
     examples.set_defaults(func=_examples, parser=examples)
 
@@ -248,11 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_report_arguments(report_parser)
     report_parser.set_defaults(func=report.report_command)
     return parser
-
-
-def _unavailable(command: str, error: Exception) -> int:
-    print(f"eplb-compile {command}: error: unavailable: {error}", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

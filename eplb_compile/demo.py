@@ -283,7 +283,7 @@ def format_report(cfg: DemoConfig, result: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def verify(result: DemoResult) -> list[str]:
+def lowering_mismatches(result: DemoResult) -> list[str]:
     """Mismatches between the lowerings and the independent reference (empty: all equal)."""
     problems = []
     for name, loads in result.loads.items():

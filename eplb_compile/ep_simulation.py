@@ -49,8 +49,14 @@ class SimConfig:
         return self.num_logical + self.num_redundant
 
 
-# The run behind the README's example figures (``eplb-compile examples``).
+# The run behind the example figures in graphs/ (``eplb-compile examples``).
 EXAMPLE_CONFIG = SimConfig(steps=40, gate_off_steps=tuple(range(10, 14)), max_tokens=256, window_size=8)
+
+
+def example_title(cfg: SimConfig, ranks: int) -> str:
+    """The title of ``eplb-compile examples``' imbalance figure."""
+    gate_off = f"{min(cfg.gate_off_steps)}-{max(cfg.gate_off_steps)}"
+    return f"Window imbalance per layer, {ranks} gloo ranks (record gate off at steps {gate_off})"
 
 
 def _generator(cfg: SimConfig, *key) -> torch.Generator:

@@ -61,3 +61,10 @@ def imbalance_trtllm(load: torch.Tensor, ep_size: int) -> torch.Tensor:
     """
     max_load, mean = _max_and_mean(load, ep_size)
     return torch.where(mean > 0, (max_load - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+
+
+def logical_load(load: torch.Tensor, physical_to_logical: torch.Tensor, num_logical: int) -> torch.Tensor:
+    """``[..., layers, physical]`` load summed onto logical experts, as vLLM's rearrange does."""
+    index = physical_to_logical.masked_fill(physical_to_logical < 0, num_logical).expand_as(load)
+    out = torch.zeros((*load.shape[:-1], num_logical + 1), dtype=torch.int64)
+    return out.scatter_add_(-1, index.long(), load.long())[..., :num_logical]

@@ -50,7 +50,7 @@ def plot_imbalance_over_steps(
     series: dict[str, torch.Tensor],
     path: str | Path,
     *,
-    ylabel: str = "imbalance (max / mean tokens per rank)",
+    ylabel: str = "imbalance (max / mean assignments per rank)",
     title: str = "Per-layer load imbalance over steps",
 ) -> Path:
     """Draw per-layer imbalance over steps, one curve style per lowering.
@@ -103,10 +103,14 @@ def plot_imbalance_over_steps(
     return path
 
 
+def heatmap_title(window_or_pass: torch.Tensor, ep_size: int) -> str:
+    return f"Assignments per EP rank (vLLM balancedness {balancedness(window_or_pass, ep_size):.3f})"
+
+
 def plot_load_heatmap(
     window_or_pass: torch.Tensor, ep_size: int, path: str | Path, *, title: str | None = None
 ) -> Path:
-    """Draw tokens per EP rank as a layer x rank heatmap.
+    """Draw assignments (token x top-k slot) per EP rank as a layer x rank heatmap.
 
     Args:
         window_or_pass: ``[layers, physical]`` pass or ``[steps, layers, physical]``
@@ -119,7 +123,7 @@ def plot_load_heatmap(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.7 * ep_size), max(3.0, 1.5 + 0.35 * num_layers)))
     image = ax.imshow(per_rank.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="tokens")
+    fig.colorbar(image, ax=ax, label="assignments (tokens x top-k)")
     # Numbers in the cells only while they stay legible.
     if num_layers * ep_size <= 256:
         threshold = (per_rank.max() + per_rank.min()) / 2
@@ -133,17 +137,34 @@ def plot_load_heatmap(
         ax.set_yticks(range(num_layers))
     ax.set_xlabel("EP rank")
     ax.set_ylabel("MoE layer")
-    ax.set_title(title or f"Tokens per EP rank (vLLM balancedness {balancedness(window_or_pass, ep_size):.3f})")
+    ax.set_title(title or heatmap_title(window_or_pass, ep_size))
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+EXAMPLE_DATA = "example_figures.json"
+
+
+def example_figure_data(windows: dict[str, torch.Tensor], ep_size: int, title: str) -> dict:
+    """The numbers the example figures draw (written beside them, so a test can see them drift)."""
+    series = imbalance_series({f"{name} path": per_step for name, per_step in windows.items()}, ep_size)
+    last = list(windows.values())[-1][-1]
+    return {
+        "imbalance_title": title,
+        "heatmap_title": heatmap_title(last, ep_size),
+        "ep_size": ep_size,
+        "imbalance": {name: [[round(float(v), 6) for v in step] for step in values] for name, values in series.items()},
+        "assignments_per_rank": rank_loads(last, ep_size).long().tolist(),
+    }
+
+
 def write_example_figures(
     windows: dict[str, torch.Tensor], ep_size: int, out_dir: str | Path, *, title: str
 ) -> list[Path]:
-    """``example_imbalance.png`` and ``example_heatmap.png`` from each lowering's windows.
+    """``example_imbalance.png``, ``example_heatmap.png`` and the numbers behind them
+    (``example_figures.json``) from each lowering's windows.
 
     Args:
         windows: lowering name -> ``[steps, layers, physical]`` all-reduced
@@ -152,10 +173,15 @@ def write_example_figures(
         out_dir: an existing directory.
         title: of the imbalance figure.
     """
+    import json
+
     series = imbalance_series({f"{name} path": per_step for name, per_step in windows.items()}, ep_size)
     out_dir = Path(out_dir)
     last = list(windows.values())[-1][-1]
+    data = out_dir / EXAMPLE_DATA
+    data.write_text(json.dumps(example_figure_data(windows, ep_size, title)) + "\n")
     return [
         plot_imbalance_over_steps(series, out_dir / "example_imbalance.png", title=title),
         plot_load_heatmap(last, ep_size, out_dir / "example_heatmap.png"),
+        data,
     ]

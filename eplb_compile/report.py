@@ -1,37 +1,33 @@
 """``eplb-compile report RECORD_DIR``: what a recording of the plugin's recorder says.
 
-Reads every rank's files (format in ``eplb_compile.vllm_plugin.recorder``),
-sums the ranks' passes step by step into the global physical load, maps it
-to logical experts with the map each pass was routed by, and prints per
-layer the imbalance over time (the three metrics of :mod:`eplb_compile.metrics`),
-the hottest logical experts, and what each rearrangement changed. ``--json``
-prints the same as one JSON object; ``--plot DIR`` writes PNGs. A folder
-that is not a recording, an unknown format version or a truncated file is
-a one-line error (exit status 2). Needs neither vLLM nor a GPU.
+Reads every rank's files (``eplb_compile.recording``: the format and its
+reader), sums the ranks' passes step by step into the global physical load,
+maps it to logical experts with the map each pass was routed by, and prints
+per layer the imbalance over time (the three metrics of
+:mod:`eplb_compile.metrics`), the hottest logical experts, and what each
+rearrangement changed. Loads count assignments (one per token and top-k
+slot). ``--json`` prints the same as one JSON object; ``--plot DIR`` writes
+PNGs. A folder that is not a recording, an unknown format version or a
+truncated file is a one-line error (exit status 2). Needs neither vLLM nor a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from eplb_compile import metrics
-from eplb_compile.vllm_plugin.exporter import logical_load
-from eplb_compile.vllm_plugin.recorder import CHUNK_GLOB, FORMAT_NAME, FORMAT_VERSION, HEADER_KEY
-
-
-class RecordingError(ValueError):
-    """The folder is not a readable recording; the message is one line."""
+from eplb_compile.recording import Recording, RecordingError, read_recording
 
 
 @dataclass
 class ModelRecording:
+    """One model of a recording, summed over ranks, with what the analysis asks of it."""
+
     info: dict
     steps: list[int]
     load: torch.Tensor  # [steps, layers, physical], summed over ranks
@@ -47,81 +43,8 @@ class ModelRecording:
         """``[steps, layers, logical]``."""
         if not self.steps:
             return torch.zeros((0, len(self.info["layer_names"]), self.info["num_logical"]), dtype=torch.int64)
-        return torch.stack([logical_load(load, self.map_for(step), self.info["num_logical"])
+        return torch.stack([metrics.logical_load(load, self.map_for(step), self.info["num_logical"])
                             for step, load in zip(self.steps, self.load, strict=True)])
-
-
-@dataclass
-class Recording:
-    path: str
-    ep_size: int
-    header: dict
-    models: list[ModelRecording]
-    steps_missing_on_some_rank: int
-
-
-def read_recording(path: str) -> Recording:
-    if not os.path.isdir(path):
-        raise RecordingError(f"{path}: not a recording (no such folder)")
-    files = sorted(glob.glob(os.path.join(path, "rank*", CHUNK_GLOB)))
-    if not files:
-        raise RecordingError(f"{path}: not a recording (no rank*/{CHUNK_GLOB} files)")
-    chunks: dict[int, list[tuple[dict, dict]]] = {}
-    for file in files:
-        header, tensors = read_chunk(file)
-        chunks.setdefault(header["ep_rank"], []).append((header, tensors))
-    header = chunks[min(chunks)][0][0]
-    ep_size = header["ep_size"]
-    if sorted(chunks) != list(range(ep_size)):
-        raise RecordingError(f"{path}: ranks {sorted(chunks)} recorded, but ep_size is {ep_size}")
-    models, missing = [], 0
-    for index, info in enumerate(header["models"]):
-        per_rank = [concat_chunks(chunks[rank], index) for rank in range(ep_size)]
-        common = sorted(set.intersection(*(set(steps) for steps, _, _, _ in per_rank)))
-        missing += max(len(steps) for steps, _, _, _ in per_rank) - len(common)
-        load = torch.zeros((len(common), len(info["layer_names"]), info["num_physical"]), dtype=torch.int64)
-        for steps, loads, _, _ in per_rank:
-            position = {step: row for row, step in enumerate(steps)}
-            for row, step in enumerate(common):
-                load[row] += loads[position[step]]
-        _, _, map_steps, maps = per_rank[0]
-        if -1 not in map_steps:
-            raise RecordingError(f"{path}: rank 0 has no start-up map for model {info['name']!r} (first chunk missing)")
-        models.append(ModelRecording(info, common, load, map_steps, maps))
-    return Recording(path, ep_size, header, models, missing)
-
-
-def read_chunk(file: str) -> tuple[dict, dict]:
-    """One file's header and tensors; RecordingError if it is not a readable chunk."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(file, "pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error type for a cut file
-        raise RecordingError(f"{file}: truncated or corrupt ({str(error).splitlines()[0]})") from None
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except (KeyError, ValueError):
-        raise RecordingError(f"{file}: not a recording (no {HEADER_KEY!r} header)") from None
-    if header.get("format") != FORMAT_NAME:
-        raise RecordingError(f"{file}: not a recording (format {header.get('format')!r})")
-    if header.get("version") != FORMAT_VERSION:
-        raise RecordingError(f"{file}: unknown format version {header.get('version')!r} "
-                             f"(this eplb_compile reads version {FORMAT_VERSION})")
-    return header, tensors
-
-
-def concat_chunks(chunks: list[tuple[dict, dict]], model: int):
-    """One rank's chunks, in order, for one model: ``(steps, load, map_steps, maps)``."""
-    steps, loads, map_steps, maps = [], [], [], []
-    for _, tensors in sorted(chunks, key=lambda chunk: chunk[0]["chunk"]):
-        steps += tensors[f"model{model}.steps"].tolist()
-        loads.append(tensors[f"model{model}.load"])
-        map_steps += tensors[f"model{model}.map_steps"].tolist()
-        maps.append(tensors[f"model{model}.maps"])
-    return steps, torch.cat(loads), map_steps, torch.cat(maps)
 
 
 # ----------------------------------------------------------------------- analysis
@@ -129,10 +52,11 @@ def concat_chunks(chunks: list[tuple[dict, dict]], model: int):
 
 def summarize(recording: Recording, top: int = 3) -> dict:
     """Everything the report prints, as plain data (the ``--json`` output)."""
+    models = [ModelRecording(info, s.steps, s.load, s.map_steps, s.maps) for info, s in recording.models]
     out = {"path": recording.path, "ep_size": recording.ep_size, "vllm_version": recording.header.get("vllm_version"),
            "eplb_compile_version": recording.header.get("eplb_compile_version"),
            "steps_missing_on_some_rank": recording.steps_missing_on_some_rank, "models": []}
-    for model in recording.models:
+    for model in models:
         out["models"].append(_summarize_model(model, recording.ep_size, top))
     return out
 
@@ -180,6 +104,10 @@ def _rearrangements(model: ModelRecording, steps: list[dict]) -> list[dict]:
     return changes
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_text(summary: dict) -> str:
     lines = [f"recording {summary['path']}: ep_size={summary['ep_size']} vllm={summary['vllm_version']} "
              f"eplb_compile={summary['eplb_compile_version']}"]
@@ -188,14 +116,15 @@ def format_text(summary: dict) -> str:
     for model in summary["models"]:
         steps = model["steps"]
         lines.append(f"model {model['name']}: {len(model['layer_names'])} layers, {model['num_logical']} logical / "
-                     f"{model['num_physical']} physical experts, {len(steps)} recorded steps, "
-                     f"{len(model['rearrangements'])} rearrangements")
+                     f"{model['num_physical']} physical experts, {_count(len(steps), 'recorded step')}, "
+                     f"{_count(len(model['rearrangements']), 'rearrangement')}")
         lines.append("  imbalance over time, all layers (balancedness: 1 is perfect; max/mean over EP ranks)")
-        lines.append(f"  {'step':>6} {'tokens':>8} {'balancedness':>12} {'mean max/mean':>13} {'worst max/mean':>15}")
+        lines.append(f"  {'step':>6} {'assignments':>11} {'balancedness':>12} {'mean max/mean':>13} "
+                     f"{'worst max/mean':>15}")
         for s in steps:
             worst = max(range(len(s["max_over_mean"])), key=s["max_over_mean"].__getitem__)
             mean = sum(s["max_over_mean"]) / len(s["max_over_mean"])
-            lines.append(f"  {s['step']:>6} {s['tokens']:>8} {s['balancedness']:>12.4f} {mean:>13.3f} "
+            lines.append(f"  {s['step']:>6} {s['tokens']:>11} {s['balancedness']:>12.4f} {mean:>13.3f} "
                          f"{s['max_over_mean'][worst]:>9.3f} (L{worst})")
         lines.append("  imbalance over time, per layer: max/mean and (max-mean)/mean (trtllm), first -> last, worst")
         for layer, name in enumerate(model["layer_names"]):

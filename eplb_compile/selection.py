@@ -8,25 +8,19 @@ lives in :func:`select_lowering`, which returns the choice with its reason.
 The crossover, first match wins: the ``min_tokens`` argument; the
 ``EPLB_COMPILE_COUNT_PATH_MIN_TOKENS`` environment variable (empty means
 unset); the measured kernel plan of the device's card
-(``eplb_compile.kernels.plans``); :data:`DEFAULT_COUNT_PATH_MIN_TOKENS`.
+(``eplb_compile.kernels.plans``, whose ``default.json`` serves every other card).
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import os
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-# Tokens per rank at or above which the count path wins, when no kernel plan
-# for the card says otherwise. On an H100 the fused topk kernel stayed faster
-# than map-only + count kernel at every measured size up to 32768 tokens/rank,
-# so the default lies past that range.
-DEFAULT_COUNT_PATH_MIN_TOKENS = 65536
+from eplb_compile.kernels import plans
+
 MIN_TOKENS_ENV = "EPLB_COMPILE_COUNT_PATH_MIN_TOKENS"
 
 
@@ -57,22 +51,11 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value}")
 
 
-@functools.lru_cache(maxsize=1)
-def _plan_crossover() -> Callable[[torch.device | None], int] | None:
-    """The per-card crossover of the kernel plans, or None in a build without them."""
-    try:
-        from eplb_compile.kernels.plans import count_path_min_tokens as plan_crossover
-    except ModuleNotFoundError:
-        return None
-    return plan_crossover
-
-
 # Host state read once per trace: under torch.compile the card's crossover is
-# a constant of the graph (Dynamo cannot trace the import or the plan lookup).
+# a constant of the graph (Dynamo cannot trace the plan lookup).
 @torch.compiler.assume_constant_result
 def _card_crossover(device: torch.device | None) -> int:
-    plan_crossover = _plan_crossover()
-    return DEFAULT_COUNT_PATH_MIN_TOKENS if plan_crossover is None else plan_crossover(device)
+    return plans.count_path_min_tokens(device)
 
 
 def count_path_min_tokens(device: torch.device | None = None) -> int:
@@ -89,31 +72,6 @@ def count_path_min_tokens(device: torch.device | None = None) -> int:
     if threshold < 0:
         raise ValueError(f"{MIN_TOKENS_ENV} must be a non-negative integer, got {value!r}")
     return threshold
-
-
-def _deprecated_first_argument(value) -> bool:
-    """The old first argument, the backend's ``expert_num_tokens`` tensor or None.
-
-    Kept for one release because the README showed it; the tensor's data was
-    never read, so only its metadata is checked.
-    """
-    warnings.warn(
-        "select_lowering(expert_num_tokens, ...) is deprecated: pass has_exact_counts=True/False "
-        "(whether the backend reports exact per-expert counts)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if value is None:
-        return False
-    dtype = value.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise TypeError(f"has_exact_counts given as the deprecated expert_num_tokens tensor must be integer, got {dtype}")
-    if value.dim() != 1 or value.numel() == 0:
-        raise ValueError(
-            "has_exact_counts given as the deprecated expert_num_tokens tensor must be non-empty and 1-D, "
-            f"got shape {tuple(value.shape)}"
-        )
-    return True
 
 
 def select_lowering(
@@ -136,8 +94,6 @@ def select_lowering(
         min_tokens: crossover override; see the module docstring for the default.
         device: the layer's device, whose card's measured crossover applies.
     """
-    if isinstance(has_exact_counts, torch.Tensor) or has_exact_counts is None:
-        has_exact_counts = _deprecated_first_argument(has_exact_counts)
     if not isinstance(has_exact_counts, bool):
         raise TypeError(
             f"has_exact_counts must be a bool, got {type(has_exact_counts).__name__} {has_exact_counts!r}"

@@ -24,7 +24,7 @@ def no_long_work(monkeypatch):
         raise AssertionError("the long work started before the arguments were checked")
 
     monkeypatch.setattr(demo, "run_demo", refuse)
-    monkeypatch.setattr(capture, "capture", refuse)
+    monkeypatch.setattr(capture, "capture_graphs", refuse)
     monkeypatch.setattr(capture, "regenerate", refuse)
     monkeypatch.setattr(ep_simulation, "run_spawned", refuse)
 
@@ -141,8 +141,34 @@ def test_plotting_without_matplotlib_says_how_to_install_it(argv, capsys, tmp_pa
 
 def test_examples_user_errors(capsys, tmp_path):
     assert "argument --ranks: must divide the 16 physical experts" in _user_error(["examples", "--ranks", "3"], capsys)
-    line = _user_error(["examples", "--out", str(tmp_path / "missing")], capsys)
+    line = _user_error(["examples", "--out", str(tmp_path / "missing" / "deeper")], capsys)
     assert "argument --out:" in line and "does not exist" in line
+    (tmp_path / "README.md").write_text("x")
+    line = _user_error(["examples", "--out", str(tmp_path / "README.md")], capsys)
+    assert "argument --out:" in line and "is a file, expected a directory" in line
+
+
+def test_examples_never_writes_into_the_repository_by_default():
+    from eplb_compile.cli import build_parser
+
+    assert build_parser().parse_args(["examples"]).out == Path("eplb_compile_examples")
+
+
+def test_plot_of_a_directory_says_so(capsys, tmp_path):
+    line = _user_error(["plot", str(tmp_path), "--ep-size", "4", "-o", str(tmp_path / "h.png")], capsys)
+    assert "is a directory" in line and "no such file" not in line
+
+
+def test_help_shows_no_rst_backticks(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+def test_bench_offers_no_device_it_refuses(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--device" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -155,3 +181,11 @@ def test_installed_entry_point_prints_no_traceback(argv, option, tmp_path):
                           cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and f"argument {option}:" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "graphs"])
+def test_a_refused_launcher_switch_is_one_line_before_any_work(command, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU check, to the switch
+    monkeypatch.setenv("EPLB_COMPILE_EAGER_LAUNCHER", "maybe")
+    line = _user_error([command, "--device", "cuda"], capsys)
+    assert "EPLB_COMPILE_EAGER_LAUNCHER must be one of" in line and "'maybe'" in line

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from eplb_compile.cli import main
-from eplb_compile.demo import DemoConfig, Lowering, format_report, run_demo, verify
+from eplb_compile.demo import DemoConfig, Lowering, format_report, lowering_mismatches, run_demo
 
 
 def test_compiled_demo_lowerings_agree_with_reference():
     cfg = DemoConfig(layers=2, ep_size=2, num_logical=6, num_redundant=2, tokens_per_rank=64, steps=5,
                      count_path_min_tokens=32)
     result = run_demo(cfg, compile=True)
-    assert verify(result) == []
+    assert lowering_mismatches(result) == []
     topk, counts = result.loads["topk"], result.loads["counts"]
     assert torch.equal(topk, counts)
     # The gate really turns recording off, and on-steps really record.
@@ -26,9 +26,9 @@ def test_compiled_demo_lowerings_agree_with_reference():
 def test_verify_catches_a_wrong_count():
     cfg = DemoConfig(layers=1, ep_size=2, num_logical=4, num_redundant=0, tokens_per_rank=16, steps=2)
     result = run_demo(cfg, compile=False)
-    assert verify(result) == []
+    assert lowering_mismatches(result) == []
     result.loads["counts"][1, 0, 0] += 1
-    assert verify(result) == ["counts: step 1 differs from the reference by 1 counts"]
+    assert lowering_mismatches(result) == ["counts: step 1 differs from the reference by 1 counts"]
 
 
 def test_cli_demo_eager_with_plot_and_window(tmp_path, capsys):

@@ -39,6 +39,8 @@ def test_it_builds_and_takes_no_cpu_call(launcher):
     assert launcher.map_ids(ids, l2p, rc, load, gate, None) is None
     assert launcher.map_ids(ids, l2p, rc, None, None, None) is None
     assert launcher.record_counts(load, load[:4].clone(), 0, gate) is False
+    assert launcher.takes_map(ids, l2p, rc, load, gate, None) is False
+    assert launcher.takes_counts(load, load[:4].clone(), 0, gate) is False
 
 
 def _python_path(monkeypatch):
@@ -56,7 +58,7 @@ def _both_paths(call):
 
 
 def _registered(launcher, case):
-    """Run one call through the public path so the chooser registers its table."""
+    """Run one call through the public path, whose Python path hands the launcher this shape's table."""
     eplb_compile.map_and_record(case.topk_ids, case.l2p, case.replica_count, case.load.clone(), case.record_enabled,
                                 case.num_unpadded_tokens)
     eplb_compile.map_only(case.topk_ids, case.l2p, case.replica_count, case.num_unpadded_tokens)
@@ -132,9 +134,10 @@ def test_it_leaves_every_other_call_to_python(launcher):
     eplb_compile.map_and_record(ids8, case.l2p, case.replica_count, case.load.clone(), case.record_enabled)
     eplb_compile.map_only(ids8, case.l2p[:32], case.replica_count[:32])
     accepted = (case.topk_ids, case.l2p, case.replica_count, case.load, case.record_enabled, case.num_unpadded_tokens)
-    assert launcher.map_ids(*accepted) is not None
+    assert launcher.takes_map(*accepted) and launcher.map_ids(*accepted) is not None
     before = case.load.clone()
     for what, args in _rejected_calls(case):
+        assert not launcher.takes_map(*args), what
         assert launcher.map_ids(*args) is None, what
     assert torch.equal(case.load, before)  # nothing launched
     assert launcher.map_ids(ids8, case.l2p[:32], case.replica_count[:32], None, None, None) is not None  # 128
@@ -164,7 +167,9 @@ def test_record_counts_equals_the_python_path(launcher):
                        ("start past int64", (load, counts, 2**70, gate)), ("int64 counts", (load, counts.long(), 0, gate)),
                        ("2-D counts", (load, counts.view(4, 4), 0, gate)), ("CPU counts", (load, counts.cpu(), 0, gate)),
                        ("int64 load", (load.long(), counts, 0, gate)), ("int gate", (load, counts, 0, gate.int()))):
+        assert launcher.takes_counts(*args) is False, what
         assert launcher.record_counts(*args) is False, what
+    assert launcher.takes_counts(load, counts, 3, gate) is True
 
 
 @needs_cuda

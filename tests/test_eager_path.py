@@ -1,25 +1,27 @@
-"""The wrappers' direct eager path: when it is taken, and that it is the dispatcher's result.
+"""The one eager path: every call goes through the dispatcher, and ``eager_route`` says where it lands.
 
-An eager call on plain CUDA tensors skips the dispatcher and runs the CUDA
-implementation itself; every mode, tracer or subclass sends it through
-``torch.ops`` instead. The guard is checked on the CPU; the equivalence of
-the two paths (ids, load, version counter, errors) needs a GPU.
+The public wrappers always call ``torch.ops.eplb_compile``; the CUDA
+implementation behind it offers the call to the C++ launcher, then runs the
+Python path. ``eager_route`` answers which implementation a call takes and
+why: checked on the CPU (plain torch, the reasons, the launcher's states) and,
+where a GPU exists, against what the launcher actually takes.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import eplb_compile
-from eplb_compile.ops import _library
-from eplb_compile.ops._torch_compat import nothing_intercepts_eager_calls
+from eplb_compile import EagerRoute, Implementation, eager_route
+from eplb_compile.kernels import eager_extension
+from eplb_compile.ops import route
 from tests.cases import make_case
 
 CUDA = torch.cuda.is_available()
 OPS = torch.ops.eplb_compile
+needs_cuda = pytest.mark.skipif(not CUDA, reason="the CUDA implementation needs a GPU")
 
 
 class _SeenOps(TorchDispatchMode):
@@ -32,68 +34,117 @@ class _SeenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Subclass(torch.Tensor):
-    pass
+def _case(device="cpu", seed=3, tokens=37):
+    return make_case(seed, tokens, 8, 40, 4, 60, torch.int32, True, None, True).to(device)
 
 
-def test_plain_eager_call_is_not_intercepted():
-    assert nothing_intercepts_eager_calls()
+def _args(case, gate=True):
+    return (case.topk_ids, case.l2p, case.replica_count, case.load, torch.tensor(gate, device=case.load.device))
 
 
-@pytest.mark.parametrize("mode", [_SeenOps, TorchFunctionMode, torch._subclasses.fake_tensor.FakeTensorMode])
-def test_every_mode_intercepts(mode):
-    with mode():
-        assert not nothing_intercepts_eager_calls()
-    assert nothing_intercepts_eager_calls()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_every_wrapper_goes_through_the_dispatcher(device):
+    case = _case(device)
+    ids, l2p, rc, load, gate = _args(case)
+    with _SeenOps() as mode:
+        eplb_compile.map_and_record(ids, l2p, rc, load, gate)
+        eplb_compile.map_only(ids, l2p, rc)
+        eplb_compile.record_counts(load, load[:4].clone(), 0, gate)
+    for op in ("map_and_record", "map_only", "record_counts"):
+        assert f"eplb_compile.{op}.default" in mode.seen
 
 
-def test_vmap_and_compile_intercept():
-    seen = []
-    torch.vmap(lambda x: seen.append(nothing_intercepts_eager_calls()) or x)(torch.zeros(2, 3))
-    assert seen == [False]
-    compiled = torch.compile(lambda x: x + int(nothing_intercepts_eager_calls()), backend="eager", fullgraph=True)
-    assert compiled(torch.zeros(1)).item() == 0  # traced with the guard False
+def test_cpu_calls_run_plain_torch():
+    ids, l2p, rc, load, gate = _args(_case())
+    for op, args in ((eplb_compile.map_and_record, (ids, l2p, rc, load, gate)),
+                     ("map_and_record", (ids, l2p, rc, load, gate, None)),
+                     (eplb_compile.map_only, (ids, l2p, rc)),
+                     (eplb_compile.record_counts, (load, load[:4].clone(), 0, gate))):
+        answer = eager_route(op, *args)
+        assert isinstance(answer, EagerRoute)
+        assert answer.implementation is Implementation.TORCH and answer.kernel == "torch"
+        assert "CPU" in answer.reason and str(answer).startswith("plain torch (torch): CPU")
 
 
-def test_cpu_and_subclass_tensors_go_through_the_dispatcher():
-    cpu = torch.zeros(2, 8, dtype=torch.int32)
-    assert not _library.runs_on_cuda_directly(cpu, cpu)
-    if CUDA:
-        cuda = cpu.cuda()
-        assert _library.runs_on_cuda_directly(cuda, cuda, None)
-        assert not _library.runs_on_cuda_directly(cuda, cuda.as_subclass(_Subclass))
-        assert not _library.runs_on_cuda_directly(cuda.as_subclass(_Subclass), cuda)
+def test_meta_tensors_have_no_eager_implementation():
+    ids, l2p, rc, load, gate = _args(_case("meta"))
+    answer = eager_route(eplb_compile.map_only, ids, l2p, rc)
+    assert answer.implementation is Implementation.NONE and "meta" in answer.reason
 
 
-needs_cuda = pytest.mark.skipif(not CUDA, reason="the direct path runs CUDA implementations")
+def test_an_invalid_call_raises_what_the_call_raises():
+    ids, l2p, rc, load, gate = _args(_case())
+    for call in (eplb_compile.map_and_record, lambda *a: eager_route("map_and_record", *a)):
+        with pytest.raises(TypeError, match="expert_load_view must be int32"):
+            call(ids, l2p, rc, load.long(), gate)
+    for call in (eplb_compile.record_counts, lambda *a: eager_route(eplb_compile.record_counts, *a)):
+        with pytest.raises(ValueError, match="overrun"):
+            call(load, load[:8].clone(), load.shape[0] - 4, gate)
+    with pytest.raises(ValueError, match="op must be one of"):
+        eager_route(torch.add, ids, l2p, rc)
 
 
-def _case(seed=3, tokens=37):
-    case = make_case(seed, tokens, 8, 40, 4, 60, torch.int32, True, None, True)
-    return case.to("cuda")
+@pytest.mark.parametrize("value", ["0", "off", "OFF", " False ", "no"])
+def test_launcher_off_spellings(monkeypatch, value):
+    monkeypatch.setenv(eager_extension.ENV, value)
+    assert eager_extension.enabled() is False
+
+
+@pytest.mark.parametrize("value", ["1", "on", "True", "YES"])
+def test_launcher_on_spellings(monkeypatch, value):
+    monkeypatch.setenv(eager_extension.ENV, value)
+    assert eager_extension.enabled() is True
+
+
+@pytest.mark.parametrize("value", ["2", "disable", "", "nope"])
+def test_other_launcher_spellings_are_refused_in_one_line(monkeypatch, value):
+    monkeypatch.setenv(eager_extension.ENV, value)
+    with pytest.raises(ValueError, match=eager_extension.ENV) as error:
+        eager_extension.enabled()
+    assert "\n" not in str(error.value) and repr(value) in str(error.value)
+    with pytest.raises(ValueError, match=eager_extension.ENV):
+        eager_extension.start()  # the first eager CUDA call refuses it too
+
+
+def test_the_launchers_states_give_the_reason(monkeypatch):
+    """Why the launcher takes nothing: off, failed, not started, building; "" once built."""
+    monkeypatch.setattr(eager_extension, "_module", None)
+    monkeypatch.setattr(eager_extension, "_failure", None)
+    monkeypatch.setattr(eager_extension, "_thread", None)
+    monkeypatch.setenv(eager_extension.ENV, "off")
+    assert "is off" in route._why_launcher_declines(False, True)
+    monkeypatch.delenv(eager_extension.ENV)
+    assert "build has not started" in route._why_launcher_declines(False, True)
+    monkeypatch.setattr(eager_extension, "_thread", object())
+    assert "still being built" in route._why_launcher_declines(False, True)
+    monkeypatch.setattr(eager_extension, "_failure", RuntimeError("no compiler"))
+    assert "could not be built: no compiler" in route._why_launcher_declines(False, True)
+    monkeypatch.setattr(eager_extension, "_failure", None)
+    monkeypatch.setattr(eager_extension, "_module", object())
+    assert eager_extension.state() == ""
+    assert "only this package's CUDA kernels" in route._why_launcher_declines(False, True, cuda_kernel=False)
+    assert "no launch table" in route._why_launcher_declines(False, False)
+    assert "outside the C++ launcher's limits" in route._why_launcher_declines(False, True)
+    assert route._why_launcher_declines(True, True) == ""
+
+
+# ---------------------------------------------------------------- on a GPU
 
 
 @needs_cuda
 @pytest.mark.parametrize("record", [True, False])
-def test_direct_path_equals_the_dispatcher(record):
-    case = _case()
+def test_the_wrappers_are_the_operators(record):
+    case = _case("cuda")
     gate = torch.tensor(record, device="cuda")
     unpadded = torch.tensor(30, dtype=torch.int32, device="cuda")
     args = (case.topk_ids, case.l2p, case.replica_count)
-    direct_load, dispatched_load = case.load.clone(), case.load.clone()
-    version = direct_load._version
-    direct = eplb_compile.map_and_record(*args, direct_load, gate, unpadded)
-    assert direct_load._version == version + 1  # as the dispatcher bumps a Tensor(a!) argument
-    dispatched = OPS.map_and_record(*args, dispatched_load, gate, unpadded)
-    assert torch.equal(direct, dispatched) and torch.equal(direct_load, dispatched_load)
+    wrapper_load, op_load = case.load.clone(), case.load.clone()
+    version = wrapper_load._version
+    ids = eplb_compile.map_and_record(*args, wrapper_load, gate, unpadded)
+    assert wrapper_load._version == version + 1  # the dispatcher bumps a Tensor(a!) argument
+    assert torch.equal(ids, OPS.map_and_record(*args, op_load, gate, unpadded)) and torch.equal(wrapper_load, op_load)
     assert torch.equal(eplb_compile.map_only(*args, unpadded), OPS.map_only(*args, unpadded))
     counts = torch.randint(0, 1000, (12,), dtype=torch.int32, device="cuda")
-    version = direct_load._version
-    eplb_compile.record_counts(direct_load, counts, 24, gate)
-    assert direct_load._version == version + 1
-    OPS.record_counts(dispatched_load, counts, 24, gate)
-    assert torch.equal(direct_load, dispatched_load)
-    # record_counts alone, against the slice add it stands for.
     want = case.load.clone()
     if record:
         want[24:36] += counts
@@ -103,26 +154,35 @@ def test_direct_path_equals_the_dispatcher(record):
 
 
 @needs_cuda
-def test_a_mode_sees_the_operator():
-    case = _case()
-    gate = torch.tensor(True, device="cuda")
-    with _SeenOps() as mode:
-        eplb_compile.map_and_record(case.topk_ids, case.l2p, case.replica_count, case.load, gate)
-        eplb_compile.record_counts(case.load, case.load[:4].clone(), 0, gate)
-    assert "eplb_compile.map_and_record.default" in mode.seen
-    assert "eplb_compile.record_counts.default" in mode.seen
+def test_the_route_is_what_the_launcher_takes():
+    launcher = eager_extension.wait()
+    case = _case("cuda")
+    ids, l2p, rc, load, gate = _args(case)
+    counts = load[:8].clone()
+    eplb_compile.map_and_record(ids, l2p, rc, load.clone(), gate)  # hands over this shape's tables
+    eplb_compile.map_only(ids, l2p, rc)
+    eplb_compile.record_counts(load.clone(), counts, 0, gate)
+    calls = ((eplb_compile.map_and_record, (ids, l2p, rc, load, gate), "takes_map", (ids, l2p, rc, load, gate, None)),
+             (eplb_compile.map_only, (ids, l2p, rc), "takes_map", (ids, l2p, rc, None, None, None)),
+             (eplb_compile.record_counts, (load, counts, 0, gate), "takes_counts", (load, counts, 0, gate)))
+    for op, args, takes, launcher_args in calls:
+        answer = eager_route(op, *args)
+        taken = launcher is not None and getattr(launcher, takes)(*launcher_args)
+        assert (answer.implementation is Implementation.CPP_LAUNCHER) == taken, (op.__name__, answer)
+        if not taken:
+            assert answer.implementation in (Implementation.PYTHON_CUDA, Implementation.TRITON, Implementation.TORCH)
+    # Strided ids: no CUDA kernel takes them, so the Python path runs Triton.
+    strided = torch.zeros(37, 16, dtype=torch.int32, device="cuda")[:, ::2]
+    answer = eager_route(eplb_compile.map_and_record, strided, l2p, rc, load, gate)
+    assert answer.implementation is Implementation.TRITON and answer.kernel == "triton", answer
 
 
 @needs_cuda
-def test_direct_path_raises_the_dispatchers_errors():
-    case = _case()
-    gate = torch.tensor(True, device="cuda")
-    bad_load = case.load.to(torch.int64)
-    for call in (eplb_compile.map_and_record, OPS.map_and_record):
-        with pytest.raises(TypeError, match="expert_load_view must be int32"):
-            call(case.topk_ids, case.l2p, case.replica_count, bad_load, gate)
-    for call in (eplb_compile.record_counts, OPS.record_counts):
-        with pytest.raises(ValueError, match="overrun"):
-            call(case.load, case.load[:8].clone(), case.load.shape[0] - 4, gate)
-        with pytest.raises(ValueError, match="all tensors must be on one device"):
-            call(case.load, case.load[:4].clone(), 0, gate.cpu())
+def test_the_route_without_the_launcher(monkeypatch):
+    monkeypatch.setattr(eager_extension, "_module", None)
+    monkeypatch.setenv(eager_extension.ENV, "off")
+    case = _case("cuda")
+    ids, l2p, rc, load, gate = _args(case)
+    answer = eager_route(eplb_compile.map_only, ids, l2p, rc)
+    assert answer.implementation in (Implementation.PYTHON_CUDA, Implementation.TRITON), answer
+    assert "is off" in answer.reason

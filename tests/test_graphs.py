@@ -33,7 +33,7 @@ def test_golden_graphs(path):
     version = _golden_torch_version(golden_files["dynamo"])
     if torch.__version__.split("+")[0] != version and not os.environ.get("EXPECTTEST_ACCEPT"):
         pytest.skip(f"goldens were captured with torch {version}, this is {torch.__version__}")
-    captured = capture.capture(path)
+    captured = capture.capture_graphs(path)
     case = expecttest.TestCase()
     case.maxDiff = None
     for kind, text in captured.items():
@@ -57,7 +57,7 @@ def test_goldens_show_the_lowering():
 
 
 def test_regenerate_writes_into_the_given_directory_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(capture, "capture", lambda path, device: {kind: f"{path} {kind}\n" for kind in capture.KINDS})
+    monkeypatch.setattr(capture, "capture_graphs", lambda path, device: {kind: f"{path} {kind}\n" for kind in capture.KINDS})
     written = []
     capture.regenerate(tmp_path, emit=written.append)
     names = sorted(p.name for p in tmp_path.iterdir())

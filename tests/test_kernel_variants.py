@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kerne
 
 if torch.cuda.is_available():
     import eplb_compile.ops  # noqa: F401 - registers torch.ops.eplb_compile
-    from eplb_compile.kernels import chooser, cuda_variants, nvrtc, plans
+    from eplb_compile.kernels import chooser, cuda_variants, nvrtc, plans, reload_plans
     from eplb_compile.kernels.call import KernelCall
     from eplb_compile.kernels.triton_kernels import launch_map
     from eplb_compile.reference import expected_map_and_record, map_and_record_reference, map_only_reference
@@ -180,7 +180,7 @@ def test_variant_refuses_non_contiguous_ids(name):
     _assert_refused_then_chosen_around(name, ids[:, ::2], l2p, replica_count, load)
     call = KernelCall(ids[:, ::2], l2p, replica_count, torch.empty(50, 8, dtype=ids.dtype, device="cuda"), load,
                       torch.tensor(True, device="cuda"))
-    assert chooser.choose(call) is launch_map  # no CUDA variant takes strided ids
+    assert chooser.choose(call).launch is launch_map  # no CUDA variant takes strided ids
 
 
 @pytest.mark.parametrize("name", HIST_NAMES)
@@ -228,11 +228,11 @@ def plan_file(tmp_path, monkeypatch):
         path = tmp_path / "plan.json"
         path.write_text(plans_json(rows))
         monkeypatch.setenv(plans.PLAN_ENV, str(path))
-        chooser.clear_cache()
+        reload_plans()
 
     yield write
     monkeypatch.delenv(plans.PLAN_ENV, raising=False)
-    chooser.clear_cache()
+    reload_plans()
 
 
 def plans_json(rows) -> str:
@@ -277,14 +277,16 @@ def test_build_failure_latches_to_triton_and_torch(monkeypatch):
     ids, l2p, replica_count, load = _random_inputs(_seed("latch"), 300, 8, 40, 4, 60, torch.int32, torch.int64)
     with pytest.warns(UserWarning, match="planted"):
         _assert_exact(chooser.choose(KernelCall(ids, l2p, replica_count, torch.empty_like(ids), load,
-                                                torch.tensor(True, device="cuda"))),
+                                                torch.tensor(True, device="cuda"))).launch,
                       ids, l2p, replica_count, load, True, None)
     assert chooser.cuda_failure() is not None
     counts = torch.randint(0, 50, (12,), dtype=torch.int32, device="cuda")
     got = load.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # latched: no second warning
-        chooser.record_counts(got, counts, 7, torch.tensor(True, device="cuda"))
+        choice = chooser.choose_counts(got.get_device())
+        assert choice.kernel == "torch"
+        choice.launch(got, counts, 7, torch.tensor(True, device="cuda"))
     want = load.clone()
     want[7:19] += counts
     assert torch.equal(got, want)

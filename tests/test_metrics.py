@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -143,8 +144,9 @@ def test_imbalance_series_per_step():
 def test_write_example_figures(tmp_path):
     window = torch.randint(0, 50, (6, 3, 16), dtype=torch.int32, generator=torch.Generator().manual_seed(4))
     paths = write_example_figures({"topk": window, "counts": window.clone()}, 4, tmp_path, title="t")
-    assert [p.name for p in paths] == ["example_imbalance.png", "example_heatmap.png"]
-    assert all(_png_size(p)[0] > 200 for p in paths)
+    assert [p.name for p in paths] == ["example_imbalance.png", "example_heatmap.png", "example_figures.json"]
+    assert all(_png_size(p)[0] > 200 for p in paths[:2])
+    assert json.loads(paths[2].read_text())["imbalance_title"] == "t"
 
 
 def test_one_hot_rank():

@@ -16,7 +16,7 @@ CONFIGS = resources.files("eplb_compile.kernels").joinpath("configs")
 
 
 def _write(tmp_path, **overrides):
-    data = {"format": 1, "device_name": "X", "topk_plan": [[0, "direct"], [100, "hist"]],
+    data = {"format": 1, "device_name": "X", "topk_plan": [[0, "direct"], [100, "hist_e4"]],
             "count_path_min_tokens": 7, "measured_with": {"note": "test"}}
     data.update(overrides)
     path = tmp_path / "plan.json"
@@ -45,11 +45,11 @@ def test_shipped_plan_files_load(name):
 
 def test_h100_and_h200_plans():
     h100 = plans.load_plan_file(CONFIGS.joinpath("device_name=NVIDIA_H100_80GB_HBM3.json"))
-    assert h100.topk_plan == ((0, "direct"), (8192, "hist_e1"), (32768, "hist"), (92688, "hist_wide"))
+    assert h100.topk_plan == ((0, "direct"), (8192, "hist_e1"), (32768, "hist_e4"), (92688, "hist_e4_wide"))
     h200 = plans.load_plan_file(CONFIGS.joinpath("device_name=NVIDIA_H200.json"))
     # Measured by `eplb-compile bench --topk-plan auto` on each card (graphs/bench_results.md for the H200).
     assert h200.topk_variant(2047) == "direct" and h200.topk_variant(2048) == "hist_e1"
-    assert h200.topk_variant(92688) == "hist_wide"
+    assert h200.topk_variant(92688) == "hist_e4_wide"
     assert (h100.count_path_min_tokens, h200.count_path_min_tokens) == (65536, 16384)
 
 
@@ -60,9 +60,9 @@ def test_cpu_and_none_get_the_default():
 
 
 def test_topk_variant_picks_by_numel():
-    plan = plans.KernelPlan("X", ((0, "triton"), (128, "direct"), (4096, "hist")), 1, "test")
+    plan = plans.KernelPlan("X", ((0, "triton"), (128, "direct"), (4096, "hist_e4")), 1, "test")
     assert [plan.topk_variant(n) for n in (0, 127, 128, 4095, 4096, 10**7)] == [
-        "triton", "triton", "direct", "direct", "hist", "hist"
+        "triton", "triton", "direct", "direct", "hist_e4", "hist_e4"
     ]
 
 
@@ -70,7 +70,7 @@ def test_env_override_replaces_every_plan(tmp_path, monkeypatch):
     monkeypatch.setenv(plans.PLAN_ENV, str(_write(tmp_path)))
     plans.clear_cache()
     assert plans.count_path_min_tokens(torch.device("cpu")) == 7
-    assert plans.plan_for_device(None).topk_variant(100) == "hist"
+    assert plans.plan_for_device(None).topk_variant(100) == "hist_e4"
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -78,7 +78,7 @@ def test_env_override_replaces_every_plan(tmp_path, monkeypatch):
     ({"device_name": ""}, "'device_name'"),
     ({"topk_plan": []}, "'topk_plan'"),
     ({"topk_plan": [[1, "direct"]]}, "'topk_plan'"),  # must start at 0
-    ({"topk_plan": [[0, "direct"], [0, "hist"]]}, "'topk_plan'"),  # ascending
+    ({"topk_plan": [[0, "direct"], [0, "hist_e4"]]}, "'topk_plan'"),  # ascending
     ({"topk_plan": [[0, "smem"]]}, "'topk_plan'"),  # a retired variant
     ({"count_path_min_tokens": -1}, "'count_path_min_tokens'"),
     ({"count_path_min_tokens": True}, "'count_path_min_tokens'"),

@@ -14,8 +14,9 @@ import logging
 import pytest
 import torch
 
-from eplb_compile import metrics, report
-from eplb_compile.vllm_plugin.recorder import ModelInfo, Recorder
+from eplb_compile import metrics, recording, report
+from eplb_compile.recording import ModelInfo
+from eplb_compile.vllm_plugin.recorder import Recorder
 
 EP_SIZE, LAYERS, LOGICAL, PHYSICAL = 2, 3, 6, 8
 INFO = ModelInfo("tiny", [f"model.layers.{i}.mlp.experts" for i in range(LAYERS)], LOGICAL, PHYSICAL, 2)
@@ -84,7 +85,8 @@ def test_text_report_and_plots(tmp_path, capsys):
     make_recording(tmp_path / "rec")
     assert run_report(str(tmp_path / "rec"), "--plot", str(tmp_path / "png")) == 0
     text = capsys.readouterr().out
-    assert "model tiny: 3 layers, 6 logical / 8 physical experts, 5 recorded steps, 1 rearrangements" in text
+    assert "model tiny: 3 layers, 6 logical / 8 physical experts, 5 recorded steps, 1 rearrangement" in text
+    assert "1 rearrangements" not in text
     assert "rearrangement at step 3: 1 of 3 layers changed" in text
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["model0_heatmap.png", "model0_imbalance.png"]
 
@@ -118,7 +120,7 @@ def test_unknown_format_version(tmp_path, capsys):
 
     make_recording(tmp_path)
     path = str(tmp_path / "rank0" / "chunk-000000.safetensors")
-    header, tensors = report.read_chunk(path)
+    header, tensors = recording.read_chunk(path)
     save_file(tensors, path, metadata={"eplb_compile": json.dumps({**header, "version": 99})})
     assert "unknown format version 99 (this eplb_compile reads version 1)" in one_line_error(capsys, str(tmp_path))
 
@@ -169,7 +171,7 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
     make_recording(tmp_path)
     names = sorted(p.name for p in (tmp_path / "rank0").iterdir())
     assert names == [f"chunk-{i:06d}.safetensors" for i in range(3)]  # no temporary left behind
-    header, tensors = report.read_chunk(str(tmp_path / "rank0" / names[0]))
+    header, tensors = recording.read_chunk(str(tmp_path / "rank0" / names[0]))
     assert header["format"] == "eplb_compile.recording" and header["version"] == 1
     assert header["models"][0]["layer_names"] == INFO.layer_names
     assert tensors["model0.load"].dtype == torch.int32 and tensors["model0.load"].shape == (2, LAYERS, PHYSICAL)

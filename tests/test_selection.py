@@ -1,12 +1,15 @@
 import math
-import warnings
 
 import pytest
 import torch
 
 from eplb_compile import Lowering, count_path_min_tokens, select_lowering
 from eplb_compile import selection
-from eplb_compile.selection import DEFAULT_COUNT_PATH_MIN_TOKENS, MIN_TOKENS_ENV
+from eplb_compile.kernels import plans
+from eplb_compile.selection import MIN_TOKENS_ENV
+
+# The crossover of the packaged default plan (every card without its own, and the CPU).
+DEFAULT_COUNT_PATH_MIN_TOKENS = plans.plan_for_device(None).count_path_min_tokens
 
 
 @pytest.fixture(autouse=True)
@@ -16,8 +19,8 @@ def _no_env_override(monkeypatch):
 
 @pytest.fixture
 def no_plans(monkeypatch):
-    """A build without ``eplb_compile.kernels.plans``: the default crossover applies."""
-    monkeypatch.setattr(selection, "_plan_crossover", lambda: None)
+    """No card-specific plan: the default plan's crossover applies."""
+    monkeypatch.setattr(selection.plans, "count_path_min_tokens", lambda device: DEFAULT_COUNT_PATH_MIN_TOKENS)
 
 
 @pytest.fixture
@@ -29,7 +32,7 @@ def card_plans(monkeypatch):
         asked.append(device)
         return 100 if device is not None and device.type == "cuda" else 200
 
-    monkeypatch.setattr(selection, "_plan_crossover", lambda: plan_crossover)
+    monkeypatch.setattr(selection.plans, "count_path_min_tokens", plan_crossover)
     return asked
 
 
@@ -62,24 +65,10 @@ def test_reason_names_the_numbers():
     assert "200" in choice.reason and "256" in choice.reason
 
 
-def test_without_kernel_plans_the_default_applies(monkeypatch):
-    # The real lookup, in a build where the plans module cannot be imported.
-    import builtins
-
-    real_import = builtins.__import__
-
-    def without_plans(name, *args, **kwargs):
-        if name == "eplb_compile.kernels.plans":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real_import(name, *args, **kwargs)
-
-    selection._plan_crossover.cache_clear()
-    monkeypatch.setattr(builtins, "__import__", without_plans)
-    try:
-        assert count_path_min_tokens() == DEFAULT_COUNT_PATH_MIN_TOKENS
-        assert count_path_min_tokens(torch.device("cpu")) == DEFAULT_COUNT_PATH_MIN_TOKENS
-    finally:
-        selection._plan_crossover.cache_clear()
+def test_without_a_card_plan_the_default_plan_applies():
+    assert DEFAULT_COUNT_PATH_MIN_TOKENS == 65536  # configs/default.json: past every size measured on an H100
+    assert count_path_min_tokens() == DEFAULT_COUNT_PATH_MIN_TOKENS
+    assert count_path_min_tokens(torch.device("cpu")) == DEFAULT_COUNT_PATH_MIN_TOKENS
 
 
 def test_the_cards_plan_gives_the_crossover(card_plans):
@@ -148,21 +137,10 @@ def test_device_must_be_a_torch_device():
         select_lowering(True, 10, device="cuda")
 
 
-def test_deprecated_tensor_or_none_first_argument_warns():
-    counts = torch.zeros(36, dtype=torch.int32)
-    with pytest.warns(DeprecationWarning, match="has_exact_counts"):
-        assert select_lowering(counts, 300, min_tokens=256).lowering is Lowering.COUNTS
-    with pytest.warns(DeprecationWarning, match="has_exact_counts"):
-        assert select_lowering(None, 300, min_tokens=256).lowering is Lowering.TOPK
-    bad_tensors = [(torch.zeros(2, 3, dtype=torch.int32), ValueError, "non-empty and 1-D"),
-                   (torch.zeros(0, dtype=torch.int32), ValueError, "non-empty and 1-D"),
-                   (torch.zeros(3), TypeError, "must be integer"),
-                   (torch.tensor(True), TypeError, "must be integer")]
-    for bad, error, message in bad_tensors:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            with pytest.raises(error, match=f"has_exact_counts .*{message}"):
-                select_lowering(bad, 300, min_tokens=256)
+@pytest.mark.parametrize("bad", [None, torch.zeros(3, dtype=torch.int32), 1])
+def test_has_exact_counts_must_be_a_bool(bad):
+    with pytest.raises(TypeError, match="has_exact_counts must be a bool"):
+        select_lowering(bad, 300, min_tokens=256)
 
 
 def _compiled_chooser(**kwargs):

@@ -51,7 +51,6 @@ def _token_list(text: str) -> tuple[int, ...]:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="only cuda can be timed")
     parser.add_argument("--tokens", type=_token_list, default=None,
                         help=f"comma-separated tokens per rank (default {','.join(map(str, DEFAULT_TOKENS))})")
     parser.add_argument("--layers", type=_positive, default=58, help="MoE layers captured in one CUDA graph")
@@ -80,9 +79,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.device != "cuda" or not torch.cuda.is_available():
-        print("eplb-compile bench: error: needs a CUDA GPU "
-              f"(--device {args.device}, torch.cuda.is_available() = {torch.cuda.is_available()})", file=sys.stderr)
+    if not torch.cuda.is_available():
+        print("eplb-compile bench: error: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    from eplb_compile.kernels import eager_extension
+
+    try:
+        eager_extension.enabled()
+    except ValueError as error:
+        print(f"eplb-compile bench: error: {error}", file=sys.stderr)
         return 2
     if args.num_redundant < 0 or (args.num_logical + args.num_redundant) % args.ep_size:
         print(f"eplb-compile bench: error: --num-logical + --num-redundant must be >= --num-logical and split "
@@ -114,7 +119,7 @@ class _Measurer:
 
     def measure(self, impls, tokens: int, rename: dict[str, str] | None = None) -> None:
         from eplb_compile.bench.impls import check_impl, layer_call
-        from eplb_compile.bench.timing import capture, time_graphs
+        from eplb_compile.bench.timing import capture_cuda_graph, time_graphs
 
         rename = rename or {}
         w = self.work[tokens]
@@ -129,7 +134,7 @@ class _Measurer:
                 continue
             w.loads.zero_()
             try:
-                graphs[rename.get(impl.name, impl.name)] = capture(layer_call(impl, self.setup, w), self.setup.layers)
+                graphs[rename.get(impl.name, impl.name)] = capture_cuda_graph(layer_call(impl, self.setup, w), self.setup.layers)
             except Exception as error:  # noqa: BLE001 - report it, time the others
                 self._fail(tokens, impl.name, f"CUDA graph capture failed: {type(error).__name__}: {error}")
         self.samples[tokens].update(time_graphs(graphs, self.setup.layers, self.replays, self.repeats))
@@ -158,8 +163,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
 
     vllm_fn, vllm_status = impls.load_vllm(args.vllm_src)
     launcher = eager_extension.wait()  # the eager calls below time what users run
-    launcher_status = ("built" if launcher is not None
-                       else f"not used ({eager_extension.failure() or eager_extension.ENV + '=0'}): Python path")
+    launcher_status = "built" if launcher is not None else f"not used ({eager_extension.state()}): Python path"
     reference = "vllm" if vllm_fn is not None else impls.VARIANT_PREFIX + "triton"
     card_plan = plans.plan_for_device(device)
     print(f"# eplb-compile bench on {gpu}; torch {torch.__version__}, Triton {triton.__version__}; {stamp}")

@@ -24,7 +24,7 @@ from eplb_compile.bench.inputs import Setup, Workload
 from eplb_compile.kernels.call import KernelCall
 
 
-def capture(call: Callable[[int], object], layers: int) -> torch.cuda.CUDAGraph:
+def capture_cuda_graph(call: Callable[[int], object], layers: int) -> torch.cuda.CUDAGraph:
     for layer in range(layers):  # eager first: Triton and NVRTC build outside the capture
         call(layer)
     torch.cuda.synchronize()
@@ -112,11 +112,11 @@ class HostRow:
 
 def host_overheads(setup: Setup, work: dict[int, Workload], vllm_fn, calls: int, rounds: int) -> list[HostRow]:
     """Per-call host cost at the smallest and largest T: our public operators
-    (what the vLLM plugin calls), their Python path (what runs where the C++
-    eager launcher is not built), the same through ``torch.ops`` (the
-    dispatcher: what compiled graphs call, where eager cost is not paid),
-    vLLM's launcher, the bare Triton launch and a plain torch slice add (the
-    cheapest one-op update)."""
+    (what the vLLM plugin calls: the type check, the dispatcher, then the C++
+    eager launcher), the same through ``torch.ops`` without the wrappers' type
+    check, the Python path alone (what runs where the C++ eager launcher is not
+    built), vLLM's launcher, the bare Triton launch and a plain torch slice add
+    (the cheapest one-op update)."""
     import eplb_compile
     from eplb_compile.kernels import chooser
     from eplb_compile.ops import _library

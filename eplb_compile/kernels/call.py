@@ -14,6 +14,13 @@ from typing import NamedTuple
 import torch
 
 
+# The CUDA topk kernels' parameters, in order: eplb_topk.cu's EPLB_KERNEL_PARAMS
+# and cuda_params() below follow it, the C++ launcher gets each slot's index
+# at build time, and a CPU test compares all three.
+TOPK_PARAMS = ("ids", "out", "rc", "rc_is_int64", "rc_stride", "l2p", "l2p_stride_e", "l2p_stride_s",
+               "num_logical", "slots", "load", "num_physical", "record_enabled", "num_unpadded", "numel")
+
+
 class KernelCall(NamedTuple):
     """Map ``ids`` into ``out``; count into ``load`` when one is given.
 
@@ -35,7 +42,7 @@ class KernelCall(NamedTuple):
         return self.load is not None
 
     def cuda_params(self) -> list[int]:
-        """The CUDA kernels' parameters, in ``EPLB_KERNEL_PARAMS`` order (eplb_topk.cu)."""
+        """The CUDA kernels' parameters, in ``TOPK_PARAMS`` order (positional: this runs per call)."""
         ids, l2p, rc, out, load, gate, num_unpadded = self
         l2p_stride, l2p_shape = l2p.stride(), l2p.shape
         return [

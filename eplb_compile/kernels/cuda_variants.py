@@ -46,7 +46,10 @@ def compiled_functions(call: KernelCall) -> dict[str, int]:
 
 
 COUNT_KERNEL = "eplb_record_counts"
-COUNT_THREADS = 256
+COUNT_THREADS = 256  # the count kernel's block size (the C++ launcher gets it at build time)
+HIST_BYTES_PER_EXPERT = 4  # dynamic shared memory a hist kernel needs per physical expert: one int bin
+# The count kernel's parameters, in eplb_counts.cu's order (a CPU test compares them with the source).
+COUNT_PARAMS = ("load", "counts", "counts_stride", "record_enabled", "n")
 
 
 def count_function(device_index: int) -> int:
@@ -54,8 +57,7 @@ def count_function(device_index: int) -> int:
 
     Raises RuntimeError if NVRTC or the driver fails.
     """
-    source = _count_source()
-    return nvrtc.compile_functions(device_index, source, (COUNT_KERNEL,))[COUNT_KERNEL]
+    return nvrtc.compile_functions(device_index, _count_source(), (COUNT_KERNEL,))[COUNT_KERNEL]
 
 
 @functools.cache
@@ -63,14 +65,14 @@ def _count_source() -> str:
     return resources.files("eplb_compile.kernels").joinpath("eplb_counts.cu").read_text()
 
 
-def launch_record_counts(function: int, load: torch.Tensor, counts: torch.Tensor, start: int,
-                         gate: torch.Tensor) -> None:
+def launch_counts(load: torch.Tensor, counts: torch.Tensor, start: int, gate: torch.Tensor) -> None:
     """``load[start:start+n] += counts`` when ``gate``, on validated tensors (int32 load and counts, bool gate)."""
     n = counts.shape[0]
     if n == 0:
         return
+    device_index = load.get_device()
     params = [load.data_ptr() + 4 * start, counts.data_ptr(), counts.stride(0), gate.data_ptr(), n]
-    nvrtc.launch(load.get_device(), function, -(-n // COUNT_THREADS), COUNT_THREADS, 0, params)
+    nvrtc.launch(device_index, count_function(device_index), -(-n // COUNT_THREADS), COUNT_THREADS, 0, params)
 
 
 def _takes(call: KernelCall, validated: bool) -> bool:
@@ -114,7 +116,7 @@ class CudaVariant:
     histogram: bool  # needs num_physical ints of shared memory, and a load to count into
 
     def shared_bytes(self, call: KernelCall) -> int:
-        return 4 * call.load.shape[0] if self.histogram else 0
+        return HIST_BYTES_PER_EXPERT * call.load.shape[0] if self.histogram else 0
 
     def supports(self, call: KernelCall, validated: bool = False) -> bool:
         """Whether this kernel takes ``call`` (``validated``: see ``_takes``)."""
@@ -150,7 +152,7 @@ VARIANTS: dict[str, CudaVariant] = {
     for v in (
         CudaVariant("direct", "eplb_map_record_direct", 256, 1, None, histogram=False),
         CudaVariant("hist_e1", "eplb_map_record_hist_e1", 256, 1, 2.0, histogram=True),
-        CudaVariant("hist", "eplb_map_record_hist_e4", 256, 4, 2.0, histogram=True),
-        CudaVariant("hist_wide", "eplb_map_record_hist_e4", 512, 4, 1.0, histogram=True),
+        CudaVariant("hist_e4", "eplb_map_record_hist_e4", 256, 4, 2.0, histogram=True),
+        CudaVariant("hist_e4_wide", "eplb_map_record_hist_e4", 512, 4, 1.0, histogram=True),
     )
 }

@@ -1,4 +1,13 @@
-"""The C++ eager launcher (``eager_launch.cpp``): built in the background, used once ready.
+"""The C++ eager launcher (``eager_launch.cpp``): its build, its launch tables, and whether it is on.
+
+The operators' CUDA implementation (``ops/_library.py``) first offers each
+eager call to the launcher, which runs it in one C++ call when it has a launch
+table for the call's (device, id dtype, k) and the call is within its limits;
+otherwise it takes nothing and the Python path runs the call. The Python path
+then calls ``learn(call)`` / ``learn_counts(device)``, and this module, which
+owns the launcher, builds that shape's table from the card's plan: the plan's
+rows with their NVRTC kernel handles (0 for a Triton row). The C++ side never
+decides which kernel a card runs.
 
 The first eager CUDA call starts a build with ``torch.utils.cpp_extension.load``
 on a background thread (a C++ compiler, Python's headers and ninja: what
@@ -6,11 +15,13 @@ Triton's launcher and vLLM's install already need; about 20 s of one core,
 once per machine and torch version, cached by torch under
 ``TORCH_EXTENSIONS_DIR``). Until it is ready, and wherever it cannot be built
 (one warning), every call takes the Python path: the same kernels and
-results, more host time. ``EPLB_COMPILE_EAGER_LAUNCHER=0`` keeps it off.
+results, more host time. ``EPLB_COMPILE_EAGER_LAUNCHER=0`` (or off, false,
+no) keeps it off.
 
-The chooser registers each (device, id dtype, k) launch table here as it
-compiles the kernels, so the C++ side never decides which kernel a card runs:
-it reads the rows the plan resolved to.
+Every constant the C++ side shares with Python (each kernel parameter's slot,
+the count kernel's block size, the id capacities of int8 and int16, the
+shared memory a histogram bin takes) is passed as a ``-D`` macro at build
+time from the Python definitions: there is one source of each.
 """
 
 from __future__ import annotations
@@ -25,7 +36,41 @@ from types import ModuleType
 
 import torch
 
+from eplb_compile.kernels import call as call_module
+from eplb_compile.kernels import cuda_variants
+from eplb_compile.ops import _validation
+
 ENV = "EPLB_COMPILE_EAGER_LAUNCHER"
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def enabled() -> bool:
+    """Whether ``EPLB_COMPILE_EAGER_LAUNCHER`` leaves the launcher on (unset: on).
+
+    Raises ValueError (one line, naming the variable) for any other spelling.
+    """
+    value = os.environ.get(ENV)
+    if value is None:
+        return True
+    word = value.strip().lower()
+    if word in _ON:
+        return True
+    if word in _OFF:
+        return False
+    raise ValueError(f"{ENV} must be one of {'/'.join(_ON)} (on) or {'/'.join(_OFF)} (off), got {value!r}")
+
+
+def build_macros() -> dict[str, int]:
+    """The constants the C++ source is compiled with, from their Python owners."""
+    macros = {f"EPLB_SLOT_{name.upper()}": i for i, name in enumerate(call_module.TOPK_PARAMS)}
+    macros["EPLB_TOPK_PARAM_COUNT"] = len(call_module.TOPK_PARAMS)
+    macros.update({f"EPLB_COUNT_SLOT_{name.upper()}": i for i, name in enumerate(cuda_variants.COUNT_PARAMS)})
+    macros["EPLB_COUNT_PARAM_COUNT"] = len(cuda_variants.COUNT_PARAMS)
+    macros["EPLB_COUNT_THREADS"] = cuda_variants.COUNT_THREADS
+    macros["EPLB_HIST_BYTES_PER_EXPERT"] = cuda_variants.HIST_BYTES_PER_EXPERT
+    macros["EPLB_INT8_ID_CAPACITY"] = _validation._ID_CAPACITY[torch.int8]
+    macros["EPLB_INT16_ID_CAPACITY"] = _validation._ID_CAPACITY[torch.int16]
+    return macros
 
 
 def not_ready(*_args) -> None:
@@ -45,7 +90,7 @@ _module: ModuleType | None = None
 _failure: Exception | None = None
 _thread: threading.Thread | None = None
 _lock = threading.Lock()
-_registered: set[tuple] = set()
+_tables: set[tuple] = set()  # the (device, id dtype, k, records) tables and ("counts", device) handed over
 
 
 def failure() -> Exception | None:
@@ -63,12 +108,14 @@ def build() -> ModuleType:
 
     source = resources.files("eplb_compile.kernels").joinpath("eager_launch.cpp")
     text = source.read_text()
-    # The name carries the source and torch's build: a cached module built
-    # against another torch is never loaded.
-    tag = hashlib.sha256(f"{text}\0{torch.__version__}\0{torch.version.git_version}".encode()).hexdigest()[:12]
+    flags = [f"-D{name}={value}" for name, value in sorted(build_macros().items())]
+    # The name carries the source, the constants and torch's build: a cached
+    # module built against another torch or other constants is never loaded.
+    fingerprint = "\0".join([text, *flags, torch.__version__, str(torch.version.git_version)])
+    tag = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     with resources.as_file(source) as path:
-        return cpp_extension.load(name=f"eplb_compile_eager_{tag}", sources=[str(path)], extra_cflags=["-O2"],
-                                  verbose=False)
+        return cpp_extension.load(name=f"eplb_compile_eager_{tag}", sources=[str(path)],
+                                  extra_cflags=["-O2", *flags], verbose=False)
 
 
 def _build_and_install() -> None:
@@ -88,7 +135,7 @@ def _build_and_install() -> None:
 def start() -> None:
     """Start the background build, once per process (a no-op when disabled or started)."""
     global _thread
-    if _thread is not None or os.environ.get(ENV, "1") == "0":
+    if _thread is not None or not enabled():
         return
     with _lock:
         if _thread is None:
@@ -105,31 +152,92 @@ def wait() -> ModuleType | None:
     return _module
 
 
-def registered(key: tuple) -> bool:
-    return key in _registered
+def built() -> ModuleType | None:
+    """The built module, or None (not yet, off, or failed); never waits."""
+    return _module
 
 
-def register_topk(key: tuple, rows: list[tuple[int, int, int, int, int, bool]], shared_limit: int) -> None:
-    """Hand the C++ side one (device, id dtype, k, records) table; a no-op until it is built."""
+def state() -> str:
+    """Why the launcher takes no call at all right now, or "" once it is built."""
+    if _module is not None:
+        return ""
+    if not enabled():
+        return f"the C++ launcher is off ({ENV}={os.environ[ENV]})"
+    if _failure is not None:
+        return f"the C++ launcher could not be built: {_failure}"
+    if _thread is None:
+        return "the C++ launcher's build has not started (the first eager CUDA call starts it)"
+    return "the C++ launcher is still being built in the background"
+
+
+def has_table(call: call_module.KernelCall) -> bool:
+    ids = call.ids
+    return (ids.get_device(), ids.dtype, ids.shape[1], call.records) in _tables
+
+
+def learn(call: call_module.KernelCall) -> None:
+    """Hand the launcher the table for this call's (device, id dtype, k, records),
+    built from the card's plan; starts the build on first use, a no-op until it is built."""
     if _module is None:
+        start()
         return
-    device, dtype, k, records = key
-    _module.register_table(device, _SCALAR_TYPES[dtype], k, records, rows, shared_limit)
-    _registered.add(key)
+    from eplb_compile.kernels import chooser, nvrtc  # Triton: imported only where CUDA calls run
+
+    ids = call.ids
+    device = ids.get_device()
+    key = (device, ids.dtype, ids.shape[1], call.records)
+    if key in _tables or chooser.cuda_failure() is not None:
+        return
+    try:
+        functions = cuda_variants.compiled_functions(call)
+    except RuntimeError:
+        return  # the chooser latches and warns on its own call
+    sm_count, shared_limit = nvrtc.device_limits(device)
+    plan_rows = chooser.plan_for_index(device).topk_plan if call.records else ((0, "direct"),)
+    rows = []
+    for min_numel, name in plan_rows:
+        variant = cuda_variants.VARIANTS.get(name)
+        if variant is None:  # a Triton row: the Python path runs it
+            rows.append((min_numel, 0, 0, 0, 0, False))
+            continue
+        function = functions[variant.kernel]
+        if variant.histogram:
+            nvrtc.allow_dynamic_shared_memory(function, shared_limit)
+        max_blocks = 0 if variant.blocks_per_sm is None else max(1, int(sm_count * variant.blocks_per_sm))
+        rows.append((min_numel, function, variant.threads, variant.elements_per_thread, max_blocks,
+                     variant.histogram))
+    _module.register_table(device, _SCALAR_TYPES[ids.dtype], ids.shape[1], call.records, rows, shared_limit)
+    _tables.add(key)
 
 
-def register_count_function(device: int, function: int) -> None:
-    if _module is None or ("counts", device) in _registered:
+def learn_counts(device: int) -> None:
+    """Hand the launcher this device's count kernel (as ``learn`` does the topk tables)."""
+    if _module is None:
+        start()
+        return
+    if ("counts", device) in _tables:
+        return
+    from eplb_compile.kernels import chooser
+
+    if chooser.cuda_failure() is not None:
+        return
+    try:
+        function = cuda_variants.count_function(device)
+    except RuntimeError:
         return
     _module.register_count_function(device, function)
-    _registered.add(("counts", device))
+    _tables.add(("counts", device))
+
+
+def has_count_function(device: int) -> bool:
+    return ("counts", device) in _tables
 
 
 def clear() -> None:
-    """Forget the registered tables (after the plans changed): the next Python-path call registers again."""
+    """Forget the tables (after the plans changed): the next Python-path call of each shape hands one over again."""
     if _module is not None:
         _module.clear()
-    _registered.clear()
+    _tables.clear()
 
 
 _SCALAR_TYPES = {torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}  # c10::ScalarType: Char, Short, Int, Long

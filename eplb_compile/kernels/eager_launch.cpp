@@ -11,7 +11,10 @@
 //
 // No CUDA header: the launch goes through cuLaunchKernel's address (handed
 // over by Python from libcuda), the current device and stream through c10's
-// device-generic guard interface. Built on first use by eager_extension.py.
+// device-generic guard interface. Built on first use by eager_extension.py,
+// which passes every constant shared with Python as a -D macro (below): each
+// kernel parameter's slot, the count kernel's block size, the id capacities,
+// the shared memory per histogram bin. None is written here by hand.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -25,6 +28,11 @@
 #include <optional>
 #include <unordered_map>
 #include <vector>
+
+#if !defined(EPLB_TOPK_PARAM_COUNT) || !defined(EPLB_COUNT_PARAM_COUNT) || !defined(EPLB_COUNT_THREADS) || \
+    !defined(EPLB_INT8_ID_CAPACITY) || !defined(EPLB_INT16_ID_CAPACITY) || !defined(EPLB_HIST_BYTES_PER_EXPERT)
+#error "build with eplb_compile.kernels.eager_extension.build(), which defines the shared constants"
+#endif
 
 namespace {
 
@@ -65,8 +73,8 @@ bool is_id_dtype(at::ScalarType t) {
 
 // ops/_validation.ids_hold: the ids' dtype holds -1 and every id below count.
 bool ids_hold(at::ScalarType t, int64_t count) {
-  if (t == at::kChar) return count <= 128;
-  if (t == at::kShort) return count <= 32768;
+  if (t == at::kChar) return count <= EPLB_INT8_ID_CAPACITY;
+  if (t == at::kShort) return count <= EPLB_INT16_ID_CAPACITY;
   return true;
 }
 
@@ -116,40 +124,73 @@ void launch(uintptr_t function, int64_t blocks, int64_t threads, int64_t shared_
 
 uint64_t address(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); }
 
-// map_and_record (load given) or map_only (load and gate absent); None: not taken.
-std::optional<at::Tensor> map_ids(const at::Tensor& ids, const at::Tensor& l2p, const at::Tensor& rc,
-                                  const std::optional<at::Tensor>& load, const std::optional<at::Tensor>& gate,
-                                  const std::optional<at::Tensor>& unpadded) {
-  if (!mapping_accepted(ids, l2p, rc, unpadded)) return std::nullopt;
+// The plan row that runs this call and its dynamic shared memory, or nullptr:
+// not taken (outside the validation's rules or the kernels' limits, no table,
+// a Triton row, a histogram past shared memory).
+const Launch* accepted_row(const at::Tensor& ids, const at::Tensor& l2p, const at::Tensor& rc,
+                           const std::optional<at::Tensor>& load, const std::optional<at::Tensor>& gate,
+                           const std::optional<at::Tensor>& unpadded, int64_t* shared) {
+  if (!mapping_accepted(ids, l2p, rc, unpadded)) return nullptr;
   const c10::Device device = ids.device();
   const bool records = load.has_value();
   // Recording: the load's dtype must hold every physical id; mapping only:
   // the map's entry count bounds them (no map values read).
   if (records ? !(gate.has_value() && load_accepted(*load, *gate, device) && ids_hold(ids.scalar_type(), load->size(0)))
               : !ids_hold(ids.scalar_type(), l2p.size(0) * l2p.size(1)))
-    return std::nullopt;
+    return nullptr;
   const auto found = tables.find(table_key(device.index(), static_cast<int64_t>(ids.scalar_type()), ids.size(1), records));
-  if (found == tables.end()) return std::nullopt;
+  if (found == tables.end()) return nullptr;
   const int64_t numel = ids.numel();
   const Launch* row = nullptr;
-  for (const Launch& candidate : found->second.rows) {
+  for (const Launch& candidate : found->second.rows) {  // plans.KernelPlan.topk_variant's rule
     if (numel < candidate.min_numel) break;
     row = &candidate;
   }
-  const int64_t shared = row != nullptr && row->histogram ? 4 * load->size(0) : 0;
-  if (row == nullptr || row->function == 0 || shared > found->second.shared_limit) return std::nullopt;
-  const std::optional<void*> stream = current_stream_on(device);
+  if (row == nullptr || row->function == 0) return nullptr;
+  *shared = row->histogram ? EPLB_HIST_BYTES_PER_EXPERT * load->size(0) : 0;
+  if (*shared > found->second.shared_limit) return nullptr;
+  return row;
+}
+
+// Whether map_ids would take this call (what eplb_compile.eager_route asks); launches nothing.
+bool takes_map(const at::Tensor& ids, const at::Tensor& l2p, const at::Tensor& rc,
+               const std::optional<at::Tensor>& load, const std::optional<at::Tensor>& gate,
+               const std::optional<at::Tensor>& unpadded) {
+  int64_t shared = 0;
+  return accepted_row(ids, l2p, rc, load, gate, unpadded, &shared) != nullptr &&
+         current_stream_on(ids.device()).has_value();
+}
+
+// map_and_record (load given) or map_only (load and gate absent); None: not taken.
+std::optional<at::Tensor> map_ids(const at::Tensor& ids, const at::Tensor& l2p, const at::Tensor& rc,
+                                  const std::optional<at::Tensor>& load, const std::optional<at::Tensor>& gate,
+                                  const std::optional<at::Tensor>& unpadded) {
+  int64_t shared = 0;
+  const Launch* row = accepted_row(ids, l2p, rc, load, gate, unpadded, &shared);
+  if (row == nullptr) return std::nullopt;
+  const std::optional<void*> stream = current_stream_on(ids.device());
   if (!stream.has_value()) return std::nullopt;
+  const bool records = load.has_value();
+  const int64_t numel = ids.numel();
 
   at::Tensor out = at::empty_like(ids, at::MemoryFormat::Contiguous);
   if (numel > 0) {  // a grid of zero blocks is not a valid launch
-    // EPLB_KERNEL_PARAMS' order (eplb_topk.cu), as KernelCall.cuda_params.
-    std::array<uint64_t, 15> values = {
-        address(ids), address(out), address(rc), rc.scalar_type() == at::kLong, static_cast<uint64_t>(rc.stride(0)),
-        address(l2p), static_cast<uint64_t>(l2p.stride(0)), static_cast<uint64_t>(l2p.stride(1)),
-        static_cast<uint64_t>(l2p.size(0)), static_cast<uint64_t>(l2p.size(1)),
-        records ? address(*load) : 0, records ? static_cast<uint64_t>(load->size(0)) : 0,
-        records ? address(*gate) : 0, unpadded.has_value() ? address(*unpadded) : 0, static_cast<uint64_t>(numel)};
+    std::array<uint64_t, EPLB_TOPK_PARAM_COUNT> values{};
+    values[EPLB_SLOT_IDS] = address(ids);
+    values[EPLB_SLOT_OUT] = address(out);
+    values[EPLB_SLOT_RC] = address(rc);
+    values[EPLB_SLOT_RC_IS_INT64] = rc.scalar_type() == at::kLong;
+    values[EPLB_SLOT_RC_STRIDE] = static_cast<uint64_t>(rc.stride(0));
+    values[EPLB_SLOT_L2P] = address(l2p);
+    values[EPLB_SLOT_L2P_STRIDE_E] = static_cast<uint64_t>(l2p.stride(0));
+    values[EPLB_SLOT_L2P_STRIDE_S] = static_cast<uint64_t>(l2p.stride(1));
+    values[EPLB_SLOT_NUM_LOGICAL] = static_cast<uint64_t>(l2p.size(0));
+    values[EPLB_SLOT_SLOTS] = static_cast<uint64_t>(l2p.size(1));
+    values[EPLB_SLOT_LOAD] = records ? address(*load) : 0;
+    values[EPLB_SLOT_NUM_PHYSICAL] = records ? static_cast<uint64_t>(load->size(0)) : 0;
+    values[EPLB_SLOT_RECORD_ENABLED] = records ? address(*gate) : 0;
+    values[EPLB_SLOT_NUM_UNPADDED] = unpadded.has_value() ? address(*unpadded) : 0;
+    values[EPLB_SLOT_NUMEL] = static_cast<uint64_t>(numel);
     int64_t blocks = (numel + row->threads * row->elements_per_thread - 1) / (row->threads * row->elements_per_thread);
     if (row->max_blocks > 0 && blocks > row->max_blocks) blocks = row->max_blocks;
     launch(row->function, blocks, row->threads, shared, *stream, values);
@@ -160,30 +201,48 @@ std::optional<at::Tensor> map_ids(const at::Tensor& ids, const at::Tensor& l2p, 
   return out;
 }
 
-// record_counts; false: not taken. start arrives as any Python int: one past
-// int64 is not taken here (Python's validation names the overrun).
-bool record_counts(const at::Tensor& load, const at::Tensor& counts, const py::handle& start_object,
-                   const at::Tensor& gate) {
+// The count kernel for this call, or 0: not taken. start arrives as any
+// Python int: one past int64 is not taken here (Python's validation names the overrun).
+uintptr_t accepted_count_function(const at::Tensor& load, const at::Tensor& counts, const py::handle& start_object,
+                                  const at::Tensor& gate, int64_t* start) {
   int overflow = 0;
-  const int64_t start = PyLong_AsLongLongAndOverflow(start_object.ptr(), &overflow);
-  if (overflow != 0 || (start == -1 && PyErr_Occurred() != nullptr)) {
+  *start = PyLong_AsLongLongAndOverflow(start_object.ptr(), &overflow);
+  if (overflow != 0 || (*start == -1 && PyErr_Occurred() != nullptr)) {
     PyErr_Clear();
-    return false;
+    return 0;
   }
   const c10::Device device = load.device();
   const int64_t n = counts.dim() == 1 ? counts.size(0) : -1;
   const bool accepted = device.is_cuda() && load_accepted(load, gate, device) && counts.scalar_type() == at::kInt &&
-                        n >= 0 && counts.device() == device && start >= 0 && start <= load.size(0) - n;
-  if (!accepted) return false;
+                        n >= 0 && counts.device() == device && *start >= 0 && *start <= load.size(0) - n;
+  if (!accepted || !current_stream_on(device).has_value()) return 0;
   const auto found = count_functions.find(device.index());
-  if (found == count_functions.end()) return false;
-  const std::optional<void*> stream = current_stream_on(device);
-  if (!stream.has_value()) return false;
+  return found == count_functions.end() ? 0 : found->second;
+}
+
+// Whether record_counts would take this call; launches nothing.
+bool takes_counts(const at::Tensor& load, const at::Tensor& counts, const py::handle& start_object,
+                  const at::Tensor& gate) {
+  int64_t start = 0;
+  return accepted_count_function(load, counts, start_object, gate, &start) != 0;
+}
+
+// record_counts; false: not taken.
+bool record_counts(const at::Tensor& load, const at::Tensor& counts, const py::handle& start_object,
+                   const at::Tensor& gate) {
+  int64_t start = 0;
+  const uintptr_t function = accepted_count_function(load, counts, start_object, gate, &start);
+  if (function == 0) return false;
+  const int64_t n = counts.size(0);
   if (n > 0) {
-    constexpr int64_t threads = 256;  // cuda_variants.COUNT_THREADS
-    std::array<uint64_t, 5> values = {address(load) + 4 * static_cast<uint64_t>(start), address(counts),
-                                    static_cast<uint64_t>(counts.stride(0)), address(gate), static_cast<uint64_t>(n)};
-    launch(found->second, (n + threads - 1) / threads, threads, 0, *stream, values);
+    std::array<uint64_t, EPLB_COUNT_PARAM_COUNT> values{};
+    values[EPLB_COUNT_SLOT_LOAD] = address(load) + 4 * static_cast<uint64_t>(start);
+    values[EPLB_COUNT_SLOT_COUNTS] = address(counts);
+    values[EPLB_COUNT_SLOT_COUNTS_STRIDE] = static_cast<uint64_t>(counts.stride(0));
+    values[EPLB_COUNT_SLOT_RECORD_ENABLED] = address(gate);
+    values[EPLB_COUNT_SLOT_N] = static_cast<uint64_t>(n);
+    launch(function, (n + EPLB_COUNT_THREADS - 1) / EPLB_COUNT_THREADS, EPLB_COUNT_THREADS, 0,
+           *current_stream_on(load.device()), values);
   }
   load.unsafeGetTensorImpl()->bump_version();
   return true;
@@ -218,6 +277,8 @@ void clear() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("map_ids", &map_ids, "map_and_record (load given) or map_only; None when not taken");
   m.def("record_counts", &record_counts, "record_counts; False when not taken");
+  m.def("takes_map", &takes_map, "whether map_ids would take the call (launches nothing)");
+  m.def("takes_counts", &takes_counts, "whether record_counts would take the call (launches nothing)");
   m.def("set_launcher", &set_launcher, "cuLaunchKernel's address");
   m.def("register_table", &register_table, "a (device, id dtype, k, records) launch table");
   m.def("register_count_function", &register_count_function, "the count kernel's handle on a device");

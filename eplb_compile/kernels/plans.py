@@ -33,7 +33,7 @@ import torch
 PLAN_ENV = "EPLB_COMPILE_KERNEL_PLAN"
 FORMAT = 1
 # "triton" is triton_kernels.py's one-atomic-per-element kernel; the others are cuda_variants.VARIANTS.
-VARIANT_NAMES = ("triton", "direct", "hist_e1", "hist", "hist_wide")
+VARIANT_NAMES = ("triton", "direct", "hist_e1", "hist_e4", "hist_e4_wide")
 
 
 @dataclass(frozen=True)

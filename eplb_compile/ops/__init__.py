@@ -1,21 +1,20 @@
 """The public operators: typed wrappers over ``torch.ops.eplb_compile``.
 
 Each wrapper checks the Python types of its arguments (a TypeError naming the
-argument, where the dispatcher would say less), then calls the operator,
-which validates the tensors' metadata (``_validation.py``) and runs the
-kernel (``_library.py``). An eager call on plain CUDA tensors with no mode or
-tracer active runs the operator's CUDA implementation directly: the kernel
-the dispatcher would pick, without the dispatcher's cost (about a torch op's
-worth of host time per call). Under ``torch.compile`` the wrappers trace to
-the operator as before.
+argument, where the dispatcher would say less), then calls the operator
+through the dispatcher, which validates the tensors' metadata
+(``_validation.py``) and runs the kernel (``_library.py``). Under
+``torch.compile`` the wrappers trace to the operator. ``eager_route`` (in
+``route.py``) says which implementation an eager call takes, and why.
 """
 
 from __future__ import annotations
 
 import torch
 
-from eplb_compile.ops import _library  # registers torch.ops.eplb_compile
+from eplb_compile.ops import _library  # noqa: F401 - registers torch.ops.eplb_compile
 from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, RECORD_COUNTS
+from eplb_compile.ops.route import EagerRoute, Implementation, eager_route
 
 _OPS = torch.ops.eplb_compile
 
@@ -49,11 +48,8 @@ def map_and_record(
         Physical expert ids with the shape and dtype of ``topk_ids``; -1 for
         invalid ids.
     """
-    args = (topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view, record_enabled,
-            num_unpadded_tokens)
-    MAP_AND_RECORD.check_types(*args)
-    if _library.runs_on_cuda_directly(*args):
-        return _library.map_and_record_cuda(*args)
+    MAP_AND_RECORD.check_types(topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view,
+                               record_enabled, num_unpadded_tokens)
     return _OPS.map_and_record.default(
         topk_ids, logical_to_physical_map, logical_replica_count, expert_load_view, record_enabled, num_unpadded_tokens
     )
@@ -75,8 +71,6 @@ def map_only(
     int16 up to 32768.
     """
     MAP_ONLY.check_types(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens)
-    if _library.runs_on_cuda_directly(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens):
-        return _library.map_only_cuda(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens)
     return _OPS.map_only.default(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens)
 
 
@@ -90,10 +84,7 @@ def record_counts(
     and ``start = ep_rank * n`` under EPLB's linear placement.
     """
     RECORD_COUNTS.check_types(expert_load_view, counts, start, record_enabled)
-    if _library.runs_on_cuda_directly(expert_load_view, counts, record_enabled):
-        _library.record_counts_cuda(expert_load_view, counts, start, record_enabled)
-        return
     _OPS.record_counts.default(expert_load_view, counts, start, record_enabled)
 
 
-__all__ = ["map_and_record", "map_only", "record_counts"]
+__all__ = ["EagerRoute", "Implementation", "eager_route", "map_and_record", "map_only", "record_counts"]

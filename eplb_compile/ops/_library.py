@@ -5,10 +5,14 @@ Registered with ``torch.library.Library`` ``define``/``impl`` rather than the
 ``@custom_op`` decorator, whose Python dispatch costs several times more per
 eager call. The plain-torch body (``_torch_impl``) is the CPU implementation;
 the CUDA implementation launches a Triton or NVRTC kernel and is registered
-only where Triton is installed: first through the C++ eager launcher
-(``kernels/eager_launch.cpp``), which takes the calls it has a launch table
-for and returns None for the rest, then in Python, which validates in detail
-and chooses the kernel. The fakes validate metadata and allocate.
+only where Triton is installed. It is the one eager CUDA entry, reached
+through the dispatcher: first the C++ eager launcher
+(``kernels/eager_launch.cpp``) takes the calls it has a launch table for and
+returns None for the rest; then the Python path validates in detail, asks
+``chooser.choose`` which kernel runs, runs it, and lets the launcher's owner
+(``kernels/eager_extension.py``) hand the launcher that shape's table.
+``eplb_compile.eager_route`` says which of these a given call takes, and why.
+The fakes validate metadata and allocate.
 
 The functional decomposition runs when AOTAutograd functionalizes a graph, as
 ``torch.library.triton_op`` does internally: on CUDA it traces the Triton
@@ -21,16 +25,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
+from eplb_compile.kernels import eager_extension
+from eplb_compile.kernels.call import KernelCall
 from eplb_compile.kernels.eager_extension import LAUNCHER as _CPP
 from eplb_compile.ops import _torch_impl
-from eplb_compile.ops._torch_compat import (
-    nothing_intercepts_eager_calls,
-    user_kernel_mutating_offset_view_is_miscompiled,
-)
 from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, RECORD_COUNTS
 
 NAMESPACE = "eplb_compile"
@@ -38,32 +42,21 @@ LIB = torch.library.Library(NAMESPACE, "DEF")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+class GpuModules(NamedTuple):
+    chooser: ModuleType
+    triton_kernels: ModuleType
+
+
 @functools.cache
-def _gpu_kernels():
-    """(KernelCall, chooser, triton_kernels), imported on the first CUDA call (one cache lookup after)."""
+def gpu_modules() -> GpuModules:
+    """The modules that need Triton, imported on the first CUDA call (one cache lookup after)."""
     from eplb_compile.kernels import chooser, triton_kernels
-    from eplb_compile.kernels.call import KernelCall
 
-    return KernelCall, chooser, triton_kernels
+    return GpuModules(chooser, triton_kernels)
 
 
-def _on_cuda(t: torch.Tensor) -> bool:
+def on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and HAS_TRITON
-
-
-def runs_on_cuda_directly(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether the dispatcher would run the CUDA implementation with nothing in
-    between: a plain CUDA tensor first (the dispatcher picks CUDA whenever one
-    argument is on CUDA; the implementation validates the others' devices),
-    every tensor a plain ``torch.Tensor`` (no subclass to dispatch on), and no
-    mode or tracer active. The public wrappers then call the ``*_cuda``
-    functions below themselves: the same code, minus the dispatcher's cost."""
-    if not (HAS_TRITON and nothing_intercepts_eager_calls() and type(first) is torch.Tensor and first.is_cuda):
-        return False
-    for t in others:
-        if t is not None and type(t) is not torch.Tensor:
-            return False
-    return True
 
 
 def _register(name: str, cpu, cuda, fake, decomposition) -> None:
@@ -110,34 +103,36 @@ def map_and_record_cuda(ids, l2p, rc, load, gate, unpadded=None):
 def map_and_record_python(ids, l2p, rc, load, gate, unpadded=None):
     """The CUDA implementation's Python path: what runs the calls the C++ launcher does not take."""
     MAP_AND_RECORD.validate(ids, l2p, rc, load, gate, unpadded)
-    KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), load, gate, unpadded)
-    chooser.choose(call, validated=True)(call)
+    choice = gpu_modules().chooser.choose(call, validated=True)
+    eager_extension.learn(call)  # before the launch: a refused EPLB_COMPILE_EAGER_LAUNCHER changes nothing
+    choice.launch(call)
     # The kernel writes through a pointer; bump the version as the dispatcher
-    # does for a Tensor(a!) argument, so a direct call is indistinguishable.
+    # does for a Tensor(a!) argument (the launch runs inside the implementation).
     torch.autograd.graph.increment_version(load)
     return call.out
 
 
 def _map_and_record_fake(ids, l2p, rc, load, gate, unpadded=None):
-    MAP_AND_RECORD.check(ids, l2p, rc, load, gate, unpadded)
+    MAP_AND_RECORD.check_symbolic(ids, l2p, rc, load, gate, unpadded)
     return ids.new_empty(ids.shape)
 
 
 def _map_and_record_traced(ids, l2p, rc, load, gate, unpadded=None):
-    MAP_AND_RECORD.check(ids, l2p, rc, load, gate, unpadded)
-    if not _on_cuda(ids):
+    MAP_AND_RECORD.check_symbolic(ids, l2p, rc, load, gate, unpadded)
+    if not on_cuda(ids):
         return _torch_impl.map_and_record(ids, l2p, rc, load, gate, unpadded)
-    KernelCall, _, triton_kernels = _gpu_kernels()
+    triton_kernels = gpu_modules().triton_kernels
     out = torch.empty(ids.shape, dtype=ids.dtype, device=ids.device)
-    if user_kernel_mutating_offset_view_is_miscompiled():
-        # The kernel counts into a fresh buffer, added to the load by an aten
-        # add, which Inductor lowers correctly even into an offset view.
-        fresh = torch.zeros_like(load)
-        triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, fresh, gate, unpadded), traced=True)
-        load.add_(fresh)
-    else:
-        triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, load, gate, unpadded), traced=True)
+    # Inductor miscompiles a user Triton kernel that mutates a view with a
+    # storage offset (a row of a 2-D buffer) on torch 2.11 through 2.14
+    # (reproducer: tests/device/repro_user_kernel_offset_view.py, checked on
+    # the GPU by tests/test_torch_compat.py; upstream pytorch/pytorch#192219,
+    # #192226). So the kernel counts into a fresh buffer, added to the load by
+    # an aten add, which Inductor lowers correctly even into an offset view.
+    fresh = torch.zeros_like(load)
+    triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, fresh, gate, unpadded), traced=True)
+    load.add_(fresh)
     return out
 
 
@@ -165,23 +160,24 @@ def map_only_cuda(ids, l2p, rc, unpadded=None):
 
 def map_only_python(ids, l2p, rc, unpadded=None):
     MAP_ONLY.validate(ids, l2p, rc, unpadded)
-    KernelCall, chooser, _ = _gpu_kernels()
     call = KernelCall(ids, l2p, rc, torch.empty_like(ids, memory_format=torch.contiguous_format), None, None,
                       unpadded)
-    chooser.choose(call, validated=True)(call)
+    choice = gpu_modules().chooser.choose(call, validated=True)
+    eager_extension.learn(call)  # before the launch: a refused EPLB_COMPILE_EAGER_LAUNCHER changes nothing
+    choice.launch(call)
     return call.out
 
 
 def _map_only_fake(ids, l2p, rc, unpadded=None):
-    MAP_ONLY.check(ids, l2p, rc, unpadded)
+    MAP_ONLY.check_symbolic(ids, l2p, rc, unpadded)
     return ids.new_empty(ids.shape)
 
 
 def _map_only_traced(ids, l2p, rc, unpadded=None):
-    MAP_ONLY.check(ids, l2p, rc, unpadded)
-    if not _on_cuda(ids):
+    MAP_ONLY.check_symbolic(ids, l2p, rc, unpadded)
+    if not on_cuda(ids):
         return _torch_impl.map_only(ids, l2p, rc, unpadded)
-    KernelCall, _, triton_kernels = _gpu_kernels()
+    triton_kernels = gpu_modules().triton_kernels
     out = torch.empty(ids.shape, dtype=ids.dtype, device=ids.device)
     triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, num_unpadded=unpadded), traced=True)
     return out
@@ -210,18 +206,21 @@ def record_counts_cuda(load, counts, start, gate):
 
 def record_counts_python(load, counts, start, gate):
     RECORD_COUNTS.validate(load, counts, start, gate)
-    _gpu_kernels()[1].record_counts(load, counts, start, gate)
+    device = load.get_device()
+    choice = gpu_modules().chooser.choose_counts(device)
+    eager_extension.learn_counts(device)
+    choice.launch(load, counts, start, gate)
     # The kernel writes through a pointer; bump the version as the dispatcher
     # does for a Tensor(a!) argument (and as the torch fallback's add does).
     torch.autograd.graph.increment_version(load)
 
 
 def _record_counts_fake(load, counts, start, gate):
-    RECORD_COUNTS.check(load, counts, start, gate)
+    RECORD_COUNTS.check_symbolic(load, counts, start, gate)
 
 
 def _record_counts_traced(load, counts, start, gate):
-    RECORD_COUNTS.check(load, counts, start, gate)
+    RECORD_COUNTS.check_symbolic(load, counts, start, gate)
     # Plain torch on every device, so Inductor fuses it with its neighbours
     # into generated code (one kernel on CUDA).
     _torch_impl.record_counts(load, counts, start, gate)

@@ -9,8 +9,8 @@ From that one list come three checkers, generated when this module loads:
 - ``validate``: the eager call's check, all conditions as ONE expression (a
   closure and a ``torch._check`` per condition cost more than the kernel
   launch), running the detailed checks only to build the message once it fails;
-- ``check``: a ``torch._check_type``/``torch._check_value`` per rule, for the
-  fakes and decompositions, where shapes may be symbolic.
+- ``check_symbolic``: a ``torch._check_type``/``torch._check_value`` per rule,
+  for the fakes and decompositions, where shapes may be symbolic.
 
 Rules read metadata only (dtype, shape, strides, device): no host sync, and
 the same answer in the eager call and in the fake at trace time. Generating
@@ -142,9 +142,9 @@ class Spec:
             for name, kind, test in kinds
         )
         source = (
-            f"def check({names}):\n{checks}"
+            f"def check_symbolic({names}):\n{checks}"
             f"def validate({names}):\n    if not ({' and '.join(f'({r.condition})' for r in rules)}):\n"
-            f"        check({names})\n"
+            f"        check_symbolic({names})\n"
             f"def check_types({names}):\n    if not ({' and '.join(test for _, _, test in kinds)}):\n{raises}"
         )
         namespace = {
@@ -152,7 +152,8 @@ class Spec:
             "dtype_note": dtype_note, "_check_type": torch._check_type, "_check_value": torch._check_value,
         }
         exec(compile(source, f"<eplb_compile.ops {op} validation>", "exec"), namespace)  # noqa: S102
-        self.check, self.validate, self.check_types = namespace["check"], namespace["validate"], namespace["check_types"]
+        self.check_symbolic, self.validate = namespace["check_symbolic"], namespace["validate"]
+        self.check_types = namespace["check_types"]
 
 
 def _isinstance(name: str, kind: str) -> str:

@@ -22,9 +22,11 @@ import atexit
 import functools
 import weakref
 
+from eplb_compile.recording import START_UP_STEP, ModelInfo
+
 from . import vllm_surface
 from .config import ObservabilityConfig, from_additional_config
-from .recorder import ModelInfo, Recorder
+from .recorder import Recorder
 
 _ATTR = "_eplb_compile_recorder"  # on the EplbState instance
 
@@ -80,7 +82,7 @@ def _record_new_model(state, recorder: Recorder) -> None:
     if recorder.exporter is not None:
         recorder.exporter.add_model(info)
     recorder.map_versions.append(vllm_surface.map_version(model_state))
-    recorder.on_map(index, -1, vllm_surface.physical_to_logical(model_state))
+    recorder.on_map(index, START_UP_STEP, vllm_surface.physical_to_logical(model_state))
 
 
 def _start(state, config: ObservabilityConfig) -> Recorder:

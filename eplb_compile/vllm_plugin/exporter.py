@@ -31,14 +31,7 @@ import torch
 
 from eplb_compile import metrics
 
-from .recorder import ModelInfo
-
-
-def logical_load(load: torch.Tensor, physical_to_logical: torch.Tensor, num_logical: int) -> torch.Tensor:
-    """``[..., layers, physical]`` load summed onto logical experts, as vLLM's rearrange does."""
-    index = physical_to_logical.masked_fill(physical_to_logical < 0, num_logical).expand_as(load)
-    out = torch.zeros((*load.shape[:-1], num_logical + 1), dtype=torch.int64)
-    return out.scatter_add_(-1, index.long(), load.long())[..., :num_logical]
+from eplb_compile.recording import ModelInfo
 
 
 @dataclass
@@ -92,7 +85,7 @@ class Exporter:
         window_load = None
         if self._maps[model] is not None:
             window = self._windows[model]
-            window.append(logical_load(load, self._maps[model], self._models[model].num_logical))
+            window.append(metrics.logical_load(load, self._maps[model], self._models[model].num_logical))
             window_load = torch.stack(list(window)).sum(dim=0)
         previous = self._latest[model]
         latest = _Latest(

@@ -9,55 +9,26 @@ the exporter, and every ``flush_every_steps`` recorded steps writes one file.
 :meth:`Recorder.on_map` does the same for ``physical_to_logical_map``
 whenever a rearrangement changes it.
 
-Recording format, version :data:`FORMAT_VERSION`: ``record_dir/rank{r}/``
-holds ``chunk-{n:06d}.safetensors`` files, each written to a temporary name
-and renamed, so a killed server loses at most the steps since the last flush.
-Per model ``m`` (vLLM's main model is 0, a drafter 1):
-
-- ``model{m}.steps`` int64 ``[n]``: EPLB step numbers (counted from 0 on every rank alike);
-- ``model{m}.load`` int32 ``[n, layers, physical]``: this rank's pass at those steps;
-- ``model{m}.map_steps`` int64 ``[k]`` and ``model{m}.maps`` int64 ``[k, layers, physical]``:
-  ``physical_to_logical_map`` as committed at those steps (-1 for the one at
-  start-up); a pass at step s was routed with the last map of a step < s.
-
-The safetensors metadata key :data:`HEADER_KEY` holds a JSON header: format
-name and version, chunk number, EP rank and size, the vLLM and eplb_compile
-versions, and per model its name, layer names, logical and physical expert
-counts and EPLB window size. A full disk or an unwritable folder drops the
-recording with one warning; nothing here ever raises into the server.
+The files' format is ``eplb_compile.recording`` (which also reads them):
+one chunk per flush per rank, written atomically. A full disk or an
+unwritable folder drops the recording with one warning; nothing here ever
+raises into the server.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 
-FORMAT_NAME = "eplb_compile.recording"
-FORMAT_VERSION = 1
-HEADER_KEY = "eplb_compile"
-CHUNK_GLOB = "chunk-*.safetensors"
+from eplb_compile import recording
+from eplb_compile.recording import ModelInfo, ModelSteps
+
+__all__ = ["ModelInfo", "Recorder"]
 _POLL_S = 50e-6
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    layer_names: list[str]
-    num_logical: int
-    num_physical: int
-    window_size: int
-
-
-def rank_dir(record_dir: str, ep_rank: int) -> str:
-    return os.path.join(record_dir, f"rank{ep_rank}")
 
 
 class _Slot:
@@ -182,18 +153,14 @@ class Recorder:
         if self.record_dir is None or not any(p["steps"] or p["map_steps"] for p in self._pending):
             self._clear()
             return
-        tensors = {}
-        for model, pending in enumerate(self._pending):
-            info = self.models[model]
+        steps = []
+        for info, pending in zip(self.models, self._pending, strict=True):
             shape = (len(info.layer_names), info.num_physical)
-            tensors[f"model{model}.steps"] = torch.tensor(pending["steps"], dtype=torch.int64)
-            tensors[f"model{model}.load"] = _stack(pending["load"], shape, torch.int32)
-            tensors[f"model{model}.map_steps"] = torch.tensor(pending["map_steps"], dtype=torch.int64)
-            tensors[f"model{model}.maps"] = _stack(pending["maps"], shape, torch.int64)
-        header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "chunk": self._chunk, "ep_rank": self.ep_rank,
-                  "ep_size": self.ep_size, **self.versions, "models": [asdict(m) for m in self.models]}
+            steps.append(ModelSteps(pending["steps"], _stack(pending["load"], shape, torch.int32),
+                                    pending["map_steps"], _stack(pending["maps"], shape, torch.int64)))
+        header = recording.make_header(self._chunk, self.ep_rank, self.ep_size, self.versions, self.models)
         try:
-            _write_atomically(rank_dir(self.record_dir, self.ep_rank), self._chunk, tensors, header)
+            recording.write_chunk(self.record_dir, header, recording.chunk_tensors(self.models, steps))
             self._chunk += 1
         except Exception as error:  # OSError, or safetensors' own error for a full disk
             self.dropped += sum(len(p["steps"]) for p in self._pending)
@@ -224,17 +191,3 @@ def _event_after_copy(source: torch.Tensor):
 
 def _stack(items: list[torch.Tensor], shape: tuple[int, int], dtype) -> torch.Tensor:
     return torch.stack(items) if items else torch.zeros((0, *shape), dtype=dtype)
-
-
-def _write_atomically(folder: str, chunk: int, tensors: dict, header: dict) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, f"chunk-{chunk:06d}.safetensors")
-    temporary = final + ".tmp"
-    try:
-        save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header)})
-        os.replace(temporary, final)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)

@@ -24,7 +24,7 @@ import eplb_loop_worker as w  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from test_eplb_loop import free_port, map_changes, run_ranks  # noqa: E402
 
-from eplb_compile import metrics, report  # noqa: E402
+from eplb_compile import metrics, recording, report  # noqa: E402
 from eplb_compile.vllm_plugin import config as plugin_config  # noqa: E402
 
 WARNING = "cannot write to"
@@ -55,8 +55,9 @@ def recorded(tmp_path_factory):
 
 
 def rank_recording(record_dir: str, rank: int):
-    chunks = [report.read_chunk(f) for f in sorted(glob.glob(os.path.join(record_dir, f"rank{rank}", "*")))]
-    return chunks, report.concat_chunks(chunks, 0)
+    chunks = [recording.read_chunk(f) for f in sorted(glob.glob(os.path.join(record_dir, f"rank{rank}", "*")))]
+    steps = recording.concat_chunks(chunks, 0)
+    return chunks, (steps.steps, steps.load, steps.map_steps, steps.maps)
 
 
 def test_recording_equals_the_window_step_by_step(recorded):

@@ -1,0 +1,50 @@
+"""The recording format module on its own: what it writes it reads back, and the report needs nothing else."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from eplb_compile import recording
+from eplb_compile.recording import START_UP_STEP, ModelInfo, ModelSteps, RecordingError
+
+INFO = ModelInfo("m", ["layers.0", "layers.1"], 3, 4, 2)
+
+
+def _write(record_dir, rank, chunk, steps):
+    header = recording.make_header(chunk, rank, 2, {"vllm_version": "x"}, [INFO])
+    return recording.write_chunk(str(record_dir), header, recording.chunk_tensors([INFO], [steps]))
+
+
+def test_what_is_written_reads_back_summed_over_ranks(tmp_path):
+    start_map = torch.tensor([[0, 1, 2, -1], [2, 1, 0, -1]])
+    load = torch.arange(2 * 2 * 4, dtype=torch.int32).view(2, 2, 4)
+    for rank in (0, 1):
+        path = _write(tmp_path, rank, 0, ModelSteps([0, 1], load * (rank + 1), [START_UP_STEP], start_map[None]))
+        assert path.endswith(f"rank{rank}/chunk-000000.safetensors")
+    _write(tmp_path, 0, 1, ModelSteps([2], load[:1], [], torch.zeros(0, 2, 4, dtype=torch.int64)))
+    read = recording.read_recording(str(tmp_path))
+    assert read.ep_size == 2 and read.header["vllm_version"] == "x" and read.steps_missing_on_some_rank == 1
+    (info, steps), = read.models
+    assert info == {"name": "m", "layer_names": ["layers.0", "layers.1"], "num_logical": 3, "num_physical": 4,
+                    "window_size": 2}
+    assert steps.steps == [0, 1] and torch.equal(steps.load, (load * 3).long())
+    assert steps.map_steps == [START_UP_STEP] and torch.equal(steps.maps, start_map[None])
+
+
+def test_a_recording_without_its_start_up_map_is_refused(tmp_path):
+    for rank in (0, 1):
+        _write(tmp_path, rank, 0, ModelSteps([0], torch.zeros(1, 2, 4, dtype=torch.int32), [],
+                                             torch.zeros(0, 2, 4, dtype=torch.int64)))
+    with pytest.raises(RecordingError, match="no start-up map"):
+        recording.read_recording(str(tmp_path))
+
+
+def test_the_report_reads_through_the_format_module_only():
+    source = Path(recording.__file__).with_name("report.py").read_text()
+    imported = [node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)]
+    assert "eplb_compile.recording" in imported
+    assert not [name for name in imported if name and "vllm_plugin" in name]
