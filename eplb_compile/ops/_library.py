@@ -15,6 +15,13 @@ The functional decomposition runs when AOTAutograd functionalizes a graph, as
 kernel through ``wrap_triton`` so Inductor sees it; on CPU it traces the
 plain-torch body, which Inductor fuses. Under AOTAutograd the decomposition
 may run without the fake (aot_function, opcheck), so it validates too.
+
+An op is decomposed only where every size rule that guards memory or id
+capacity is known to hold at trace time (``Spec.decided``) and the plain-torch
+body's branches on sizes are decided. Otherwise it stays whole in the graph
+(functionalized like any mutating custom op), and its CPU or CUDA
+implementation validates the real sizes on every call: a compiled graph never
+relies on a guard, which a caller may drop, to stay in bounds.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ def runs_on_cuda_directly(first: torch.Tensor, *others: torch.Tensor | None) -> 
     return True
 
 
-def _register(name: str, cpu, cuda, fake, decomposition) -> None:
+def _register(name: str, cpu, cuda, fake, decomposition, decomposable) -> None:
     LIB.impl(name, cpu, "CPU")
     if HAS_TRITON:
         LIB.impl(name, cuda, "CUDA")
@@ -80,6 +87,8 @@ def _register(name: str, cpu, cuda, fake, decomposition) -> None:
             for t in types
         ):
             return NotImplemented
+        if not decomposable(*args, **kwargs):
+            return mode.__torch_dispatch__(op, types, args, kwargs)  # whole: validated on every call
         with mode:
             return decomposition(*args, **kwargs)
 
@@ -141,7 +150,13 @@ def _map_and_record_traced(ids, l2p, rc, load, gate, unpadded=None):
     return out
 
 
-_register("map_and_record", _map_and_record_cpu, map_and_record_cuda, _map_and_record_fake, _map_and_record_traced)
+def _map_and_record_decomposable(ids, l2p, rc, load, gate, unpadded=None):
+    return MAP_AND_RECORD.decided(ids, l2p, rc, load, gate, unpadded) and _torch_impl.branches_decided(
+        *l2p.shape, load.shape[0])
+
+
+_register("map_and_record", _map_and_record_cpu, map_and_record_cuda, _map_and_record_fake, _map_and_record_traced,
+          _map_and_record_decomposable)
 
 # --------------------------------------------------------------------------
 # map_only: the mapping alone; rows at or past num_unpadded_tokens come back -1.
@@ -187,7 +202,11 @@ def _map_only_traced(ids, l2p, rc, unpadded=None):
     return out
 
 
-_register("map_only", _map_only_cpu, map_only_cuda, _map_only_fake, _map_only_traced)
+def _map_only_decomposable(ids, l2p, rc, unpadded=None):
+    return MAP_ONLY.decided(ids, l2p, rc, unpadded) and _torch_impl.branches_decided(*l2p.shape)
+
+
+_register("map_only", _map_only_cpu, map_only_cuda, _map_only_fake, _map_only_traced, _map_only_decomposable)
 
 # --------------------------------------------------------------------------
 # record_counts. `start` is a SymInt so another EP rank reuses the same graph.
@@ -227,4 +246,5 @@ def _record_counts_traced(load, counts, start, gate):
     _torch_impl.record_counts(load, counts, start, gate)
 
 
-_register("record_counts", _record_counts_cpu, record_counts_cuda, _record_counts_fake, _record_counts_traced)
+_register("record_counts", _record_counts_cpu, record_counts_cuda, _record_counts_fake, _record_counts_traced,
+          RECORD_COUNTS.decided)

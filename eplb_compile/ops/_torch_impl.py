@@ -3,16 +3,24 @@ torch.compile traces (Inductor fuses it into generated loops).
 
 Vectorised, so it shares no code with ``eplb_compile.reference``, which states
 the same semantics element by element. No branch depends on the token count,
-so the token dimension may be symbolic, even unbacked.
+so the token dimension may be symbolic, even unbacked. The branches on the
+map's and the load's sizes (an empty one has nothing to index) are traced only
+where ``branches_decided`` holds; elsewhere the op stays whole in the graph.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # floor(2**32 / golden ratio): the Knuth multiplicative hash vLLM uses to pick
 # a replica from the token index.
 KNUTH_MULTIPLIER = 2654435769
+
+
+def branches_decided(*sizes) -> bool:
+    """Whether each size is known, without a guard, to be zero or to be non-zero."""
+    return all(statically_known_true(size == 0) or statically_known_true(size != 0) for size in sizes)
 
 
 def _map(topk_ids: torch.Tensor, logical_to_physical_map: torch.Tensor, logical_replica_count: torch.Tensor):
