@@ -11,7 +11,7 @@ where ``branches_decided`` holds; elsewhere the op stays whole in the graph.
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 # floor(2**32 / golden ratio): the Knuth multiplicative hash vLLM uses to pick
 # a replica from the token index.
@@ -19,8 +19,9 @@ KNUTH_MULTIPLIER = 2654435769
 
 
 def branches_decided(*sizes) -> bool:
-    """Whether each size is known, without a guard, to be zero or to be non-zero."""
-    return all(statically_known_true(size == 0) or statically_known_true(size != 0) for size in sizes)
+    """Whether each size is a plain number. A symbolic one is >= 2 only while a
+    guard says so (backed), or unknown (unbacked): not enough to index into."""
+    return all(is_concrete_int(size) for size in sizes)
 
 
 def _map(topk_ids: torch.Tensor, logical_to_physical_map: torch.Tensor, logical_replica_count: torch.Tensor):

@@ -11,16 +11,17 @@ From that one list come three checkers, generated when this module loads:
   launch), running the detailed checks only to build the message once it fails;
 - ``check``: a ``torch._check_type``/``torch._check_value`` per rule, for the
   fakes and decompositions, where shapes may be symbolic;
-- ``decided``: whether every size rule (below) is known to hold at trace time.
+- ``decided``: whether every size rule (below) holds with no symbol involved.
 
 A size rule (``sizes=True``) guards memory or id capacity with an inequality
 between sizes (``start + n <= len(load)``, ``num_physical <= 128`` for int8
 ids). A guard on it would vanish where a compiled caller drops Dynamo's guards
 (vLLM does), and Inductor compiles backed sizes' runtime assertions out, so
-``check`` never guards on one: it raises when the rule is known false, passes
-when known true, and otherwise leaves it undecided. An op whose size rules are
-undecided stays whole in the compiled graph (``_library.py``), and its
-implementation's ``validate`` checks the real sizes on every call.
+``check`` never guards on one: it raises when the rule is false for the sizes
+being traced, passes when it holds with no symbol involved, and otherwise
+leaves it undecided. An op with an undecided size rule stays whole in the
+compiled graph (``_library.py``), and its implementation's ``validate``
+checks the real sizes on every call.
 
 Rules read metadata only (dtype, shape, strides, device): no host sync, and
 the same answer in the eager call and in the fake at trace time. Generating
@@ -33,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_bool, statically_known_true
 
 TENSOR, OPTIONAL_TENSOR, INT = "a torch.Tensor", "a torch.Tensor or None", "an int"
 
@@ -78,19 +79,23 @@ class Rule:
 
 
 def known(condition) -> bool:
-    """Whether ``condition`` (a bool or a SymBool) holds for every size the graph
-    may see, without adding a guard."""
-    return statically_known_true(condition)
+    """Whether ``condition`` holds for every size the graph may see. Only a
+    condition free of symbols qualifies: a symbolic one proved from ranges or
+    earlier guards (a backed size is >= 2 only while its guard stands) would
+    not survive dropped guards."""
+    return is_concrete_bool(condition) and bool(condition)
 
 
 def check_sizes(check, condition, message) -> None:
     """``check`` (torch._check_type or _check_value) on a size rule, never guarding:
-    a symbolic condition raises only when it is known false."""
-    if isinstance(condition, torch.SymBool):
-        if known(condition) or not known(torch.sym_not(condition)):
-            return  # known true, or undecided: the op stays whole and validates on each call
+    a symbolic condition raises only when it is false for this very call (known
+    false from the sizes traced now); otherwise the op stays whole and validates
+    on each call."""
+    if not is_concrete_bool(condition):
+        if not statically_known_true(torch.sym_not(condition)):
+            return
         condition = False
-    check(condition, message)
+    check(bool(condition), message)
 
 
 def same_device(name: str, first: str, optional: bool = False) -> Rule:
