@@ -344,3 +344,20 @@ def test_valid_calls_do_not_sync():
         for op in OPS:
             OPS[op][0](*_call_args(op, args))
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("start, message", [
+    (2**63, "start must fit in int64 (-2**63 to 2**63 - 1), got 9223372036854775808"),
+    (10**30, "start must fit in int64 (-2**63 to 2**63 - 1), got 1000000000000000000000000000000"),
+    (-(2**63) - 1, "start must fit in int64 (-2**63 to 2**63 - 1), got -9223372036854775809"),
+    (-(2**63), "start must be >= 0, got -9223372036854775808"),
+    (2**63 - 1, "starting at start=9223372036854775807 overrun"),
+])
+def test_start_past_int64_is_a_value_error_naming_start(device, start, message):
+    # The dispatcher's own parser would say "Expected a value of type 'int' ... found type 'int'".
+    load = torch.zeros(16, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        eplb_compile.record_counts(load, torch.ones(4, dtype=torch.int32, device=device), start,
+                                   torch.tensor(True, device=device))
+    assert not load.any()
