@@ -38,7 +38,7 @@ from eplb_compile.ops._torch_compat import (
     nothing_intercepts_eager_calls,
     user_kernel_mutating_offset_view_is_miscompiled,
 )
-from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, RECORD_COUNTS
+from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, NARROW_ID_DTYPES, RECORD_COUNTS
 
 NAMESPACE = "eplb_compile"
 LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -174,6 +174,11 @@ def _map_only_cpu(ids, l2p, rc, unpadded=None):
 
 
 def map_only_cuda(ids, l2p, rc, unpadded=None):
+    if ids.dtype in NARROW_ID_DTYPES:
+        # The kernels store ids in the ids' dtype; int8 and int16 go through int32
+        # so that an id the dtype cannot hold comes back -1, never wrapped.
+        MAP_ONLY.validate(ids, l2p, rc, unpadded)
+        return _torch_impl.fit_ids(map_only_cuda(ids.to(torch.int32), l2p, rc, unpadded), ids.dtype)
     out = _CPP.map_ids(ids, l2p, rc, None, None, unpadded)
     return out if out is not None else map_only_python(ids, l2p, rc, unpadded)
 
@@ -197,9 +202,11 @@ def _map_only_traced(ids, l2p, rc, unpadded=None):
     if not _on_cuda(ids):
         return _torch_impl.map_only(ids, l2p, rc, unpadded)
     KernelCall, _, triton_kernels = _gpu_kernels()
-    out = torch.empty(ids.shape, dtype=ids.dtype, device=ids.device)
-    triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, num_unpadded=unpadded), traced=True)
-    return out
+    narrow = ids.dtype in NARROW_ID_DTYPES  # through int32, as map_only_cuda
+    wide = ids.to(torch.int32) if narrow else ids
+    out = torch.empty(wide.shape, dtype=wide.dtype, device=wide.device)
+    triton_kernels.launch_map(KernelCall(wide, l2p, rc, out, num_unpadded=unpadded), traced=True)
+    return _torch_impl.fit_ids(out, ids.dtype) if narrow else out
 
 
 def _map_only_decomposable(ids, l2p, rc, unpadded=None):

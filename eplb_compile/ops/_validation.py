@@ -41,6 +41,12 @@ TENSOR, OPTIONAL_TENSOR, INT = "a torch.Tensor", "a torch.Tensor or None", "an i
 # uint8 is left out: it cannot hold -1, the id of an invalid slot.
 ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 _ID_CAPACITY = {torch.int8: 2**7, torch.int16: 2**15}  # ids 0 .. capacity - 1, besides -1
+NARROW_ID_DTYPES = tuple(_ID_CAPACITY)
+
+
+def id_capacity(dtype: torch.dtype) -> int | None:
+    """The number of physical ids ``dtype`` holds (ids 0 .. capacity - 1), None for int32 and int64."""
+    return _ID_CAPACITY.get(dtype)
 
 
 def ids_hold(dtype: torch.dtype, count) -> bool:
@@ -240,6 +246,7 @@ MAP_ONLY = Spec(
         *MAP_RULES,
         # No load here: a valid map names each physical expert once, so its
         # entry count bounds the physical ids (metadata only, no map values read).
+        # An invalid, sparse map's id past the dtype comes back -1 (_torch_impl.fit_ids).
         capacity_rule("logical_to_physical_map.shape[0] * logical_to_physical_map.shape[1]",
                       "logical_to_physical_map has {show(logical_to_physical_map.shape[0])} x "
                       "{show(logical_to_physical_map.shape[1])} entries, so"),
