@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -189,3 +190,22 @@ def test_installed_entry_point_prints_no_traceback(argv, option, tmp_path):
                           cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and f"argument {option}:" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["report", "records", "--top", str(10**20)], "argument --top: must be an integer <= 1024"),
+    (["report", "records", "--top", "-1"], "argument --top: must be an integer >= 0"),
+])
+def test_report_int_options_are_bounded(argv, expected, capsys):
+    assert expected in _user_error(argv, capsys)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="bench's options exist where Triton does")
+@pytest.mark.parametrize("argv, expected", [
+    (["--seed", str(10**23)], "argument --seed: must be an integer <= 9223372036854775807"),
+    (["--num-redundant", "-1"], "argument --num-redundant: must be an integer >= 0"),
+    (["--layers", str(10**6)], "argument --layers: must be an integer <= 1024"),
+    (["--tokens", f"1,{10**11}"], "argument --tokens: expected token counts from 1 to 4194304"),
+])
+def test_bench_int_options_are_bounded(argv, expected, capsys):
+    assert expected in _user_error(["bench", *argv], capsys)
