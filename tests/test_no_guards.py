@@ -18,7 +18,7 @@ import torch
 import eplb_compile
 from eplb_compile.reference import map_and_record_reference, map_only_reference, record_counts_reference
 
-from tests.cases import DEVICES
+from tests.cases import DEVICES, requires_cuda
 from tests.guards import guarded
 
 @contextlib.contextmanager
@@ -137,3 +137,43 @@ def test_replica_count_shorter_than_the_map_is_refused_without_guards(device):
             run(ids, torch.zeros(8, 3, dtype=torch.int64, device=device),
                 torch.ones(4, dtype=torch.int64, device=device), load.view, gate)
         assert load.intact() and not load.view.any()
+
+
+@requires_cuda
+def test_the_whole_ops_need_no_host_sync():
+    # Every size dynamic: the ops stay whole and validate on each call, from
+    # the metadata alone (torch raises on a sync in "error" mode).
+    from tests.test_validation import no_host_sync
+
+    device, gate = "cuda", torch.tensor(True, device="cuda")
+    with one_graph():
+        run = compiled_without_guards(lambda ids, l2p, rc, load, counts, start: (
+            *map_ops(ids, l2p, rc, load, gate), record(load, counts, start, gate)))
+        for num_physical, start in [(40, 2), (60, 5), (100, 9)]:
+            args = (torch.tensor([[0], [1], [3]], dtype=torch.int8, device=device),
+                    spread_map(4, num_physical).to(device), torch.ones(4, dtype=torch.int64, device=device),
+                    torch.zeros(num_physical, dtype=torch.int32, device=device),
+                    torch.ones(4, dtype=torch.int32, device=device))
+            run(*args, start)  # compiles (and may sync) on the first call
+            torch.cuda.synchronize()
+            with no_host_sync(device):
+                run(*args, start)
+            torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_sizes_are_asserted_on_each_call(device):
+    # vLLM's case: only the token count dynamic; the load's length is a plain
+    # number in the graph, so the overrun rule was decided at trace time, and
+    # Inductor's per-call input assertions keep a shorter load out.
+    gate = torch.tensor(True, device=device)
+    with one_graph():
+        run = torch.compile(record, fullgraph=True, dynamic=False,
+                            options={"guard_filter_fn": lambda entries: [False] * len(entries)})
+        load = guarded(torch.zeros(16, dtype=torch.int32), device)
+        run(load.view, torch.ones(4, dtype=torch.int32, device=device), 12, gate)
+        assert load.view[12:].tolist() == [1] * 4 and load.intact()
+        short = guarded(torch.zeros(12, dtype=torch.int32), device)
+        with pytest.raises(AssertionError, match="expected size 12==16"):
+            run(short.view, torch.ones(4, dtype=torch.int32, device=device), 12, gate)
+        assert short.intact() and not short.view.any()
