@@ -17,11 +17,13 @@ plain-torch body, which Inductor fuses. Under AOTAutograd the decomposition
 may run without the fake (aot_function, opcheck), so it validates too.
 
 An op is decomposed only where every size rule that guards memory or id
-capacity is known to hold at trace time (``Spec.decided``) and the plain-torch
-body's branches on sizes are decided. Otherwise it stays whole in the graph
-(functionalized like any mutating custom op), and its CPU or CUDA
-implementation validates the real sizes on every call: a compiled graph never
-relies on a guard, which a caller may drop, to stay in bounds.
+capacity holds with no symbol involved (``Spec.decided``) and the sizes the
+plain-torch body branches on are plain numbers (checked on every device, for
+one rule). Otherwise it stays whole in the graph (functionalized like any
+mutating custom op), and its CPU or CUDA implementation validates the real
+sizes on every call: a compiled graph never relies on a guard, which a caller
+may drop (vLLM does), to stay in bounds. ops/README.md says what that gives a
+caller.
 """
 
 from __future__ import annotations
