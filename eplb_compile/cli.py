@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,14 +21,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int):
+def bounded_int(minimum: int, maximum: int):
+    """An argparse type: an integer from ``minimum`` to ``maximum``. Every int
+    option has a maximum, so a typo such as 10**12 tokens is refused on one
+    line, not met later as a traceback or an exhausted machine."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be an integer from {minimum} to {maximum}, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {value}")
         return value
 
     return parse
@@ -48,17 +55,35 @@ def _check_output_file(parser, option: str, path: Path, suffix: str | None = Non
         parser.error(f"argument {option}: directory {str(parent)!r} does not exist")
     if path.is_dir():
         parser.error(f"argument {option}: {str(path)!r} is a directory, expected a file name")
-    if not os.access(parent, os.W_OK):
-        parser.error(f"argument {option}: directory {str(parent)!r} is not writable")
+    # Try for real: permission bits say nothing to root, a read-only mount or /proc.
+    try:
+        if path.exists():
+            with open(path, "ab"):  # appends nothing: the file is left as it is
+                pass
+        else:
+            _create_and_remove_in(parent)
+    except OSError as error:
+        parser.error(f"argument {option}: {str(path)!r} cannot be written ({error.strerror or error})")
+
+
+def _create_and_remove_in(directory: Path) -> None:
+    descriptor, name = tempfile.mkstemp(dir=directory, prefix=".eplb-compile-write-check-")
+    os.close(descriptor)
+    os.remove(name)
 
 
 def _check_output_dir(parser, option: str, path: Path, create: bool = False) -> None:
-    """An existing directory; with ``create``, also one whose parent exists (made by the command)."""
+    """An existing, writable directory; with ``create``, also one whose parent exists (made by the command)."""
     if path.exists() and not path.is_dir():
         parser.error(f"argument {option}: {str(path)!r} is a file, expected a directory")
     if not path.is_dir() and not (create and path.parent.is_dir()):
         parser.error(f"argument {option}: directory {str(path if not create else path.parent)!r} does not exist "
                      "(pass an existing directory)")
+    writable = path if path.is_dir() else path.parent
+    try:
+        _create_and_remove_in(writable)
+    except OSError as error:
+        parser.error(f"argument {option}: directory {str(writable)!r} cannot be written ({error.strerror or error})")
 
 
 def _check_matplotlib(parser, option: str) -> None:
@@ -171,6 +196,10 @@ def _read_load_window(parser, path: Path):
         what = f"{load.dtype} tensor of shape {tuple(load.shape)}" if isinstance(load, torch.Tensor) \
             else type(load).__name__
         parser.error(f"argument load: {str(path)!r} holds a {what}, not {_WINDOW_FILE}")
+    # A dense tensor with data: a sparse, meta or quantized one has no values to draw.
+    if load.layout != torch.strided or load.is_meta or load.is_quantized:
+        kind = "meta" if load.is_meta else "quantized" if load.is_quantized else str(load.layout).split(".")[-1]
+        parser.error(f"argument load: {str(path)!r} holds a {kind} tensor, not a dense one ({_WINDOW_FILE})")
     return load
 
 
@@ -212,16 +241,18 @@ def _examples(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eplb-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    positive, non_negative = _int_at_least(1), _int_at_least(0)
+    # The maxima keep a laptop's demo in memory and time (tokens x ranks x layers).
+    layers, tokens, steps = bounded_int(1, 256), bounded_int(1, 65536), bounded_int(1, 100_000)
+    ranks, seed, crossover = bounded_int(1, 1024), bounded_int(0, 2**63 - 1), bounded_int(0, 2**31 - 1)
 
     demo = sub.add_parser("demo", help="compile a toy MoE block and record its load through both lowerings")
     demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    demo.add_argument("--layers", type=positive, default=4)
-    demo.add_argument("--ep-size", type=positive, default=4, help="EP ranks; must divide the 20 physical experts")
-    demo.add_argument("--tokens-per-rank", type=positive, default=512)
-    demo.add_argument("--steps", type=positive, default=8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--count-path-min-tokens", type=non_negative, default=None, help="selector crossover override")
+    demo.add_argument("--layers", type=layers, default=4)
+    demo.add_argument("--ep-size", type=ranks, default=4, help="EP ranks; must divide the 20 physical experts")
+    demo.add_argument("--tokens-per-rank", type=tokens, default=512)
+    demo.add_argument("--steps", type=steps, default=8)
+    demo.add_argument("--seed", type=seed, default=0)
+    demo.add_argument("--count-path-min-tokens", type=crossover, default=None, help="selector crossover override")
     demo.add_argument("--eager", action="store_true", help="skip torch.compile")
     demo.add_argument("--plot", type=Path, metavar="FILE.png",
                       help="plot per-layer imbalance over steps for both lowerings (needs the [plot] extra)")
@@ -242,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="draw a layer x rank load heatmap from a saved load window (needs [plot])")
     plot.add_argument("load", type=Path, help="torch.save'd int tensor: [layers, physical] or [steps, layers, physical]")
-    plot.add_argument("--ep-size", type=positive, required=True, help="number of EP ranks")
+    plot.add_argument("--ep-size", type=ranks, required=True, help="number of EP ranks")
     plot.add_argument("-o", "--output", type=Path, default=Path("load_heatmap.png"), help="PNG to write")
     plot.set_defaults(func=_plot, parser=plot)
 
@@ -250,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", type=Path, default=Path("eplb_compile_examples"),
                           help="directory for the figures, made if missing (default: ./eplb_compile_examples; "
                                "the committed ones are regenerated with --out graphs)")
-    examples.add_argument("--ranks", type=positive, default=4, help="gloo processes (EP ranks)")
+    examples.add_argument("--ranks", type=bounded_int(1, 16), default=4, help="gloo processes (EP ranks)")
     examples.set_defaults(func=_examples, parser=examples)
 
     from eplb_compile import report

@@ -63,8 +63,12 @@ def map_only_reference(
     logical_replica_count: torch.Tensor,
     num_unpadded_tokens: int | None = None,
 ) -> torch.Tensor:
-    """map_only's result: the physical ids with the shape and dtype of ``topk_ids``."""
+    """map_only's result: the physical ids with the shape and dtype of ``topk_ids``;
+    an id that dtype cannot hold (int8: 128 and up, int16: 32768 and up) is -1."""
     physical = map_to_physical_reference(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens)
+    limit = {torch.int8: 2**7, torch.int16: 2**15}.get(topk_ids.dtype)
+    if limit is not None:
+        physical = [p if p < limit else -1 for p in physical]
     return _ids_like(physical, topk_ids)
 
 

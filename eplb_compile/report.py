@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb_compile import metrics
+from eplb_compile.cli import bounded_int
 from eplb_compile.recording import Recording, RecordingError, read_recording
 
 
@@ -158,7 +159,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("record_dir", metavar="RECORD_DIR", help="the recorder's record_dir")
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--top", type=int, default=3, help="hottest experts to list per layer (default 3)")
+    parser.add_argument("--top", type=bounded_int(0, 1024), default=3, help="hottest experts to list per layer (default 3)")
 
 
 def report_command(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import pickle
 import subprocess
 import sys
@@ -52,7 +54,17 @@ def _pickle(tmp_path: Path, name: str, value) -> Path:
     [
         (["--layers", "0"], "--layers", "integer >= 1, got 0"),
         (["--layers", "-2"], "--layers", "integer >= 1, got -2"),
-        (["--layers", "many"], "--layers", "integer >= 1, got 'many'"),
+        (["--layers", "many"], "--layers", "integer from 1 to 256, got 'many'"),
+        (["--layers", "257"], "--layers", "integer <= 256, got 257"),
+        (["--seed", str(10**23)], "--seed", f"integer <= {2**63 - 1}, got {10**23}"),
+        (["--seed", "-1"], "--seed", "integer >= 0, got -1"),
+        (["--tokens-per-rank", str(10**12)], "--tokens-per-rank", f"integer <= 65536, got {10**12}"),
+        (["--steps", "100001"], "--steps", "integer <= 100000, got 100001"),
+        (["--ep-size", str(10**9)], "--ep-size", f"integer <= 1024, got {10**9}"),
+        (["--count-path-min-tokens", str(2**31)], "--count-path-min-tokens", f"integer <= {2**31 - 1}"),
+        (["--plot", "/proc/imbalance.png"], "--plot", "'/proc/imbalance.png' cannot be written"),
+        (["--save-window", "/proc/window.pt"], "--save-window", "'/proc/window.pt' cannot be written"),
+        (["--save-window", "/proc/version"], "--save-window", "'/proc/version' cannot be written"),
         (["--steps", "0"], "--steps", "integer >= 1, got 0"),
         (["--steps", "-1"], "--steps", "integer >= 1, got -1"),
         (["--tokens-per-rank", "0"], "--tokens-per-rank", "integer >= 1, got 0"),
@@ -71,6 +83,23 @@ def test_demo_user_errors(argv, option, expected, capsys, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     line = _user_error(["demo", "--eager", *argv], capsys)
     assert line.startswith(f"eplb-compile demo: error: argument {option}: ") and expected in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes a read-only file")
+def test_a_read_only_window_file_is_refused_before_the_run(capsys, tmp_path):
+    window = tmp_path / "window.pt"
+    window.write_bytes(b"old")
+    window.chmod(0o444)
+    line = _user_error(["demo", "--save-window", str(window)], capsys)
+    assert "argument --save-window:" in line and "cannot be written" in line
+    assert window.read_bytes() == b"old"
+
+
+def test_unwritable_output_directories_are_refused_before_the_work(capsys):
+    line = _user_error(["examples", "--out", "/proc"], capsys)
+    assert "argument --out: directory '/proc' cannot be written" in line
+    line = _user_error(["graphs", "--regenerate", "--out", "/proc"], capsys)
+    assert "argument --out: directory '/proc' cannot be written" in line
 
 
 def test_an_existing_directory_is_not_a_window_file(capsys, tmp_path):
@@ -108,6 +137,11 @@ def test_plot_user_errors(capsys, tmp_path):
                         ("float.pt", torch.zeros(2, 8)), ("flat.pt", torch.zeros(8, dtype=torch.int32))):
         torch.save(value, tmp_path / path)
         cases.append(([str(tmp_path / path)], "not a saved load window"))
+    for path, value, kind in (("sparse.pt", torch.ones(2, 8, dtype=torch.int32).to_sparse(), "sparse_coo"),
+                              ("meta.pt", torch.ones(2, 8, dtype=torch.int32, device="meta"), "meta")):
+        torch.save(value, tmp_path / path)
+        cases.append(([str(tmp_path / path)], f"holds a {kind} tensor, not a dense one"))
+    cases.append(([str(window), "-o", "/proc/heat.png"], "argument -o/--output: '/proc/heat.png' cannot be written"))
     for argv, expected in cases:
         defaults = {"--ep-size": "4", "-o": str(tmp_path / "heat.png")}
         argv = argv + [word for option, value in defaults.items() if option not in argv for word in (option, value)]
@@ -173,7 +207,8 @@ def test_bench_offers_no_device_it_refuses(capsys):
 
 @pytest.mark.parametrize(
     "argv, option",
-    [(["demo", "--ep-size", "0"], "--ep-size"), (["demo", "--tokens-per-rank", "0"], "--tokens-per-rank")],
+    [(["demo", "--ep-size", "0"], "--ep-size"), (["demo", "--tokens-per-rank", "0"], "--tokens-per-rank"),
+     (["demo", "--seed", str(10**23)], "--seed"), (["demo", "--tokens-per-rank", str(10**12)], "--tokens-per-rank")],
 )
 def test_installed_entry_point_prints_no_traceback(argv, option, tmp_path):
     """Through ``python -m eplb_compile``, as a user runs it."""
@@ -189,3 +224,22 @@ def test_a_refused_launcher_switch_is_one_line_before_any_work(command, capsys, 
     monkeypatch.setenv("EPLB_COMPILE_EAGER_LAUNCHER", "maybe")
     line = _user_error([command, "--device", "cuda"], capsys)
     assert "EPLB_COMPILE_EAGER_LAUNCHER must be one of" in line and "'maybe'" in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["report", "records", "--top", str(10**20)], "argument --top: must be an integer <= 1024"),
+    (["report", "records", "--top", "-1"], "argument --top: must be an integer >= 0"),
+])
+def test_report_int_options_are_bounded(argv, expected, capsys):
+    assert expected in _user_error(argv, capsys)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="bench's options exist where Triton does")
+@pytest.mark.parametrize("argv, expected", [
+    (["--seed", str(10**23)], "argument --seed: must be an integer <= 9223372036854775807"),
+    (["--num-redundant", "-1"], "argument --num-redundant: must be an integer >= 0"),
+    (["--layers", str(10**6)], "argument --layers: must be an integer <= 1024"),
+    (["--tokens", f"1,{10**11}"], "argument --tokens: expected token counts from 1 to 4194304"),
+])
+def test_bench_int_options_are_bounded(argv, expected, capsys):
+    assert expected in _user_error(["bench", *argv], capsys)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 
 import pytest
 import hypothesis
@@ -29,7 +30,10 @@ def _inductor_2_11_oblivious_cpu_bug(mode: str, device: str) -> bool:
     return mode == "backed_size_oblivious" and device == "cpu" and version < (2, 12)
 
 
-MODES = ["eager", "backed", "unbacked", "backed_size_oblivious", "export"]
+# "*_no_guards": Dynamo's guards dropped, as vLLM drops them; first with the
+# token dimension dynamic (vLLM's case: the fused body), then every size
+# (the ops stay whole and validate on each call).
+MODES = ["eager", "backed", "unbacked", "backed_size_oblivious", "export", "tokens_no_guards", "all_no_guards"]
 
 
 def all_ops(ids, l2p, replica_count, load, gate, num_unpadded, counts):
@@ -74,6 +78,23 @@ def compiled(mode: str, device: str, dtype: torch.dtype):
         tokens = torch.export.Dim("tokens", min=0)
         program = torch.export.export(AllOps(), tuple(example), dynamic_shapes=({0: tokens},) + (None,) * 6)
         return program.module()
+    if mode.endswith("_no_guards"):
+        # Dynamo caches graphs per code object and, guards dropped, would run
+        # any graph of all_ops: give this runner a code object of its own.
+        name = f"all_ops_{mode}_{device}_{str(dtype).split('.')[-1]}"
+        own = types.FunctionType(all_ops.__code__.replace(co_name=name), all_ops.__globals__, name)
+        fn = torch.compile(own, fullgraph=True, dynamic=mode == "all_no_guards",
+                           options={"guard_filter_fn": lambda entries: [False] * len(entries)})
+        first = make_inputs(0, 5, dtype, True, 3, device)  # a dynamic token count (>= 2) for the one graph
+        torch._dynamo.mark_dynamic(first[0], 0)
+        with torch._inductor.config.patch(force_disable_caches=True):  # see test_every_dimension_may_be_dynamic
+            fn(*first)
+
+        def run_without_guards(*args):
+            torch._dynamo.mark_dynamic(args[0], 0)
+            return fn(*args)
+
+        return run_without_guards
     fn = torch.compile(all_ops, fullgraph=True, dynamic=False)
     oblivious = mode == "backed_size_oblivious"
 
@@ -125,7 +146,7 @@ def test_one_graph_for_every_token_count(mode, device, request):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     mode=st.sampled_from(MODES),
     seed=st.integers(0, 2**31 - 1),
@@ -137,3 +158,56 @@ def test_one_graph_for_every_token_count(mode, device, request):
 def test_fuzz_every_mode(device, mode, seed, tokens, dtype, gate, unpadded):
     hypothesis.assume(not _inductor_2_11_oblivious_cpu_bug(mode, device))  # pinned in the test above
     check(mode, device, seed, tokens, dtype, gate, unpadded)
+
+
+# (tokens, k, map rows, slots, physical experts, counts, start): empty maps,
+# loads and counts, one-element dimensions, and ordinary sizes, in one graph
+# where the mode allows it.
+EVERY_DIMENSION_SIZES = [(37, 3, 6, 3, 10, 4, 4), (0, 2, 1, 1, 1, 0, 1), (5, 1, 0, 2, 0, 0, 0),
+                         (200, 4, 9, 5, 30, 7, 20), (1, 1, 3, 0, 12, 12, 0)]
+
+
+def all_ops_at(ids, l2p, replica_count, load, gate, num_unpadded, counts, start):
+    physical = eplb_compile.map_and_record(ids, l2p, replica_count, load, gate, num_unpadded)
+    mapped = eplb_compile.map_only(ids, l2p, replica_count, num_unpadded)
+    eplb_compile.record_counts(load, counts, start, gate)
+    return physical, mapped
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["backed", "unbacked", "backed_size_oblivious"])
+# No compile caches: their keys do not cover the ops' Python code, so a graph
+# cached by an older eplb_compile would be reused.
+@torch._inductor.config.patch(force_disable_caches=True)
+def test_every_dimension_may_be_dynamic(mode, device):
+    """Not only the token dimension: the load's length, the map's rows and
+    slots, the replica counts', the counts' and ``start`` too (issue: an
+    unbacked load length failed on a branch over the load's size)."""
+    torch._dynamo.reset()
+    fn = torch.compile(all_ops_at, fullgraph=True, dynamic=True)
+    mark = torch._dynamo.decorators.mark_unbacked if mode == "unbacked" else torch._dynamo.mark_dynamic
+    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=mode == "backed_size_oblivious")
+    for seed, (tokens, k, rows, slots, physical, n, start) in enumerate(EVERY_DIMENSION_SIZES):
+        g = torch.Generator().manual_seed(seed)
+        args = [
+            torch.randint(-1, rows + 2, (tokens, k), generator=g),
+            torch.randint(-1, physical + 2, (rows, slots), generator=g),
+            torch.randint(0, slots + 2, (rows,), generator=g),
+            torch.randint(0, 100, (physical,), generator=g, dtype=torch.int32),
+            torch.tensor(seed != 3),
+            torch.tensor(max(tokens - 2, 0), dtype=torch.int32),
+            torch.randint(0, 100, (n,), generator=g, dtype=torch.int32),
+        ]
+        want_physical, want_load = map_and_record_reference(*args[:4], bool(args[4]), int(args[5]))
+        want_mapped = map_only_reference(*args[:3], int(args[5]))
+        want_load = record_counts_reference(want_load, args[6], start, bool(args[4]))
+        args = [a.to(device) for a in args]
+        for t in args[:4] + args[6:]:
+            for dim in range(t.dim()):
+                mark(t, dim)
+        with oblivious:
+            got_physical, got_mapped = fn(*args, start)
+        assert torch.equal(got_physical.cpu(), want_physical), (mode, seed)
+        assert torch.equal(got_mapped.cpu(), want_mapped), (mode, seed)
+        assert torch.equal(args[3].cpu(), want_load), (mode, seed)
+    torch._dynamo.reset()

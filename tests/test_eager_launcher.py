@@ -88,7 +88,8 @@ def test_it_equals_the_python_path_and_the_reference(launcher, case, dtype, rc64
     if case.topk_ids.is_contiguous():  # the launcher leaves strided ids to Triton
         loads[0].zero_()
         assert launcher.map_ids(*args, loads[0], case.record_enabled, case.num_unpadded_tokens) is not None
-        assert launcher.map_ids(*args, None, None, case.num_unpadded_tokens) is not None
+        if dtype not in (torch.int8, torch.int16):  # map_only runs narrow ids as int32 (no narrow table)
+            assert launcher.map_ids(*args, None, None, case.num_unpadded_tokens) is not None
 
 
 def _valid(tokens=37, physical=60):
@@ -128,11 +129,11 @@ def _rejected_calls(case):
 def test_it_leaves_every_other_call_to_python(launcher):
     case = _valid()
     _registered(launcher, case)
-    # int8 ids get their tables too, so only the capacity rules can turn them away
-    # (map_only's: at most 128 map entries, so 32 of the 40 rows).
+    # int8 ids get their tables too, so only the capacity rule can turn them away.
+    # (map_only runs int8 and int16 ids as int32, so that an id past the dtype
+    # comes back -1: it registers no int8 table.)
     ids8 = case.topk_ids.to(torch.int8)
     eplb_compile.map_and_record(ids8, case.l2p, case.replica_count, case.load.clone(), case.record_enabled)
-    eplb_compile.map_only(ids8, case.l2p[:32], case.replica_count[:32])
     accepted = (case.topk_ids, case.l2p, case.replica_count, case.load, case.record_enabled, case.num_unpadded_tokens)
     assert launcher.takes_map(*accepted) and launcher.map_ids(*accepted) is not None
     before = case.load.clone()
@@ -140,7 +141,6 @@ def test_it_leaves_every_other_call_to_python(launcher):
         assert not launcher.takes_map(*args), what
         assert launcher.map_ids(*args) is None, what
     assert torch.equal(case.load, before)  # nothing launched
-    assert launcher.map_ids(ids8, case.l2p[:32], case.replica_count[:32], None, None, None) is not None  # 128
     assert launcher.map_ids(ids8, case.l2p, case.replica_count, None, None, None) is None  # 160
 
 

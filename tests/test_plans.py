@@ -97,6 +97,24 @@ def test_unreadable_plan_file(tmp_path):
         plans.load_plan_file(path)
 
 
+@pytest.mark.parametrize("content", [
+    b"\xff\xfe{\"format\": 1}",  # not UTF-8
+    b"[" * 100_000 + b"]" * 100_000,  # nested past the parser's recursion limit
+    b'{"format": ' + b"9" * 5000 + b"}",  # an integer past Python's conversion limit
+    b"",
+])
+def test_malformed_plan_file_named_by_the_variable_is_one_line(tmp_path, monkeypatch, content):
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    monkeypatch.setenv(plans.PLAN_ENV, str(path))
+    plans.clear_cache()
+    with pytest.raises(plans.PlanFileError) as raised:
+        plans.count_path_min_tokens(torch.device("cpu"))
+    message = str(raised.value)
+    assert message.startswith(f"{plans.PLAN_ENV}={path}: kernel plan {path}: cannot be read as JSON: ")
+    assert "\n" not in message
+
+
 def test_cuda_source_is_shipped_and_the_package_imports_without_triton():
     assert resources.files("eplb_compile.kernels").joinpath("eplb_topk.cu").is_file()
     source = cuda_variants.kernel_source(torch.int32, 8)

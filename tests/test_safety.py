@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import eplb_compile
-from eplb_compile.reference import map_and_record_reference, record_counts_reference
+from eplb_compile.reference import map_and_record_reference, map_only_reference, record_counts_reference
 
 from tests.cases import DEVICES
 from tests.guards import MARGIN as GUARD
@@ -160,3 +160,19 @@ def test_everything_odd_at_once_with_the_gate_off_writes_nothing(device):
     assert torch.equal(got.cpu(), want_ids)
     assert torch.equal(load.view.cpu(), start_load)
     assert load.intact()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype, too_big", [(torch.int8, 200), (torch.int8, 128), (torch.int16, 2**15), (torch.int16, 2**40)])
+def test_map_only_never_wraps_an_id_of_a_sparse_map(device, compiled, dtype, too_big):
+    # Two map entries pass the capacity rule (which counts entries: an EPLB map
+    # names each physical id below num_logical x slots once); this invalid map
+    # names a larger id, which comes back -1, never wrapped (200 would be -56).
+    l2p = torch.tensor([[too_big], [5]], device=device)
+    ids = torch.tensor([[0, 1], [1, 0], [-1, 1]], dtype=dtype, device=device)
+    replica_count = torch.ones(2, dtype=torch.int64, device=device)
+    op = torch.compile(eplb_compile.map_only, fullgraph=True) if compiled else eplb_compile.map_only
+    want = torch.tensor([[-1, 5], [5, -1], [-1, 5]], dtype=dtype)
+    assert torch.equal(op(ids, l2p, replica_count).cpu(), want)
+    assert torch.equal(map_only_reference(ids.cpu(), l2p.cpu(), replica_count.cpu()), want)

@@ -28,16 +28,12 @@ from pathlib import Path
 
 import torch
 
+from eplb_compile.cli import bounded_int
+
 DEFAULT_TOKENS = (1, 16, 128, 512, 2048, 8192, 16384, 32768)
 QUICK_TOKENS = (1, 128, 512, 2048, 32768)
+MAX_TOKENS = 2**22  # tokens per rank: far past any batch one rank runs
 ID_DTYPES = {"int32": torch.int32, "int64": torch.int64, "int16": torch.int16}
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _token_list(text: str) -> tuple[int, ...]:
@@ -45,17 +41,17 @@ def _token_list(text: str) -> tuple[int, ...]:
         values = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected token counts >= 1, got {text!r}")
+    if not values or values[0] < 1 or values[-1] > MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected token counts from 1 to {MAX_TOKENS}, got {text!r}")
     return values
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=_token_list, default=None,
                         help=f"comma-separated tokens per rank (default {','.join(map(str, DEFAULT_TOKENS))})")
-    parser.add_argument("--layers", type=_positive, default=58, help="MoE layers captured in one CUDA graph")
-    parser.add_argument("--repeats", type=_positive, default=5, help="timed samples per figure (median; at least 5)")
-    parser.add_argument("--replays", type=_positive, default=20, help="graph replays per timed sample")
+    parser.add_argument("--layers", type=bounded_int(1, 1024), default=58, help="MoE layers captured in one CUDA graph")
+    parser.add_argument("--repeats", type=bounded_int(1, 1000), default=5, help="timed samples per figure (median; at least 5)")
+    parser.add_argument("--replays", type=bounded_int(1, 100_000), default=20, help="graph replays per timed sample")
     parser.add_argument("--vllm-src", default=os.environ.get("EPLB_VLLM_SRC", ".vllm_src"),
                         help="folder holding vLLM's sources, for its kernel (env EPLB_VLLM_SRC)")
     parser.add_argument("--out", type=Path, default=Path("graphs"),
@@ -64,18 +60,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk-plan", default="card", choices=["card", "auto"],
                         help="card: time the plan the operators use on this card; auto: also derive a plan "
                              "from this run's variant table, time it and write device_name=<NAME>.json to --out")
-    parser.add_argument("--num-logical", type=_positive, default=256)
-    parser.add_argument("--num-redundant", type=int, default=32)
-    parser.add_argument("--top-k", type=_positive, default=8)
-    parser.add_argument("--ep-size", type=_positive, default=8)
-    parser.add_argument("--map-slots", type=_positive, default=None,
+    parser.add_argument("--num-logical", type=bounded_int(1, 65536), default=256)
+    parser.add_argument("--num-redundant", type=bounded_int(0, 65536), default=32)
+    parser.add_argument("--top-k", type=bounded_int(1, 1024), default=8)
+    parser.add_argument("--ep-size", type=bounded_int(1, 1024), default=8)
+    parser.add_argument("--map-slots", type=bounded_int(1, 65536), default=None,
                         help="map columns (default: --num-redundant + 1, vLLM 0.34.0's width; 0.32.0 and 0.33.0 "
                              "allocate 1024)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of expert popularity")
     parser.add_argument("--id-dtype", default="int32", choices=sorted(ID_DTYPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--host-calls", type=_positive, default=100, help="eager calls per host-overhead sample")
-    parser.add_argument("--host-rounds", type=_positive, default=15, help="host-overhead samples (median)")
+    parser.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0)
+    parser.add_argument("--host-calls", type=bounded_int(1, 1_000_000), default=100, help="eager calls per host-overhead sample")
+    parser.add_argument("--host-rounds", type=bounded_int(1, 1000), default=15, help="host-overhead samples (median)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

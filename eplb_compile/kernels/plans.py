@@ -92,9 +92,12 @@ def _parse(data: object, source: str) -> KernelPlan:
 def load_plan_file(path: str | os.PathLike) -> KernelPlan:
     """Read and validate one plan file; PlanFileError names the file and the key."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PlanFileError(f"kernel plan {path}: cannot be read as JSON: {error}") from None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    # ValueError: not UTF-8 (UnicodeDecodeError), not JSON, an integer too long
+    # to convert; RecursionError: nesting too deep.
+    except (OSError, ValueError, RecursionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PlanFileError(f"kernel plan {path}: cannot be read as JSON: {reason}") from None
     return _parse(data, str(path))
 
 
@@ -109,7 +112,10 @@ def _packaged(file_name: str) -> KernelPlan | None:
 def _plan_for_name(device_name: str | None) -> KernelPlan:
     override = os.environ.get(PLAN_ENV)
     if override:
-        return load_plan_file(override)
+        try:
+            return load_plan_file(override)
+        except PlanFileError as error:
+            raise PlanFileError(f"{PLAN_ENV}={override}: {error}") from None
     if device_name is not None:
         found = _packaged(f"device_name={device_name.replace(' ', '_')}.json")
         if found is not None:

@@ -68,7 +68,10 @@ def map_only(
     row at or past it comes back as -1 in every column, in the same kernel:
     padded rows are never dispatched. ``topk_ids``' dtype must hold every id
     the map can name: int8 up to 128 map entries (``num_logical * slots``),
-    int16 up to 32768.
+    int16 up to 32768. The rule counts entries, as the map's values live on
+    the device: it bounds every id of an EPLB map (each physical id below the
+    entry count, named once; vLLM's maps are never sparse). An id that the
+    dtype cannot hold, which only a sparse map can name, comes back -1.
     """
     MAP_ONLY.check_types(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens)
     return _OPS.map_only.default(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens)

@@ -19,6 +19,15 @@ The functional decomposition runs when AOTAutograd functionalizes a graph, as
 kernel through ``wrap_triton`` so Inductor sees it; on CPU it traces the
 plain-torch body, which Inductor fuses. Under AOTAutograd the decomposition
 may run without the fake (aot_function, opcheck), so it validates too.
+
+An op is decomposed only where every size rule that guards memory or id
+capacity holds with no symbol involved (``Spec.decided``) and the sizes the
+plain-torch body branches on are plain numbers (checked on every device, for
+one rule). Otherwise it stays whole in the graph (functionalized like any
+mutating custom op), and its CPU or CUDA implementation validates the real
+sizes on every call: a compiled graph never relies on a guard, which a caller
+may drop (vLLM does), to stay in bounds. ops/README.md says what that gives a
+caller.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from eplb_compile.kernels import eager_extension
 from eplb_compile.kernels.call import KernelCall
 from eplb_compile.kernels.eager_extension import LAUNCHER as _CPP
 from eplb_compile.ops import _torch_impl
-from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, RECORD_COUNTS
+from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY, NARROW_ID_DTYPES, RECORD_COUNTS
 
 NAMESPACE = "eplb_compile"
 LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -59,7 +68,7 @@ def on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and HAS_TRITON
 
 
-def _register(name: str, cpu, cuda, fake, decomposition) -> None:
+def _register(name: str, cpu, cuda, fake, decomposition, decomposable) -> None:
     LIB.impl(name, cpu, "CPU")
     if HAS_TRITON:
         LIB.impl(name, cuda, "CUDA")
@@ -73,6 +82,8 @@ def _register(name: str, cpu, cuda, fake, decomposition) -> None:
             for t in types
         ):
             return NotImplemented
+        if not decomposable(*args, **kwargs):
+            return mode.__torch_dispatch__(op, types, args, kwargs)  # whole: validated on every call
         with mode:
             return decomposition(*args, **kwargs)
 
@@ -136,7 +147,13 @@ def _map_and_record_traced(ids, l2p, rc, load, gate, unpadded=None):
     return out
 
 
-_register("map_and_record", _map_and_record_cpu, map_and_record_cuda, _map_and_record_fake, _map_and_record_traced)
+def _map_and_record_decomposable(ids, l2p, rc, load, gate, unpadded=None):
+    return MAP_AND_RECORD.decided(ids, l2p, rc, load, gate, unpadded) and _torch_impl.branches_decided(
+        *l2p.shape, load.shape[0])
+
+
+_register("map_and_record", _map_and_record_cpu, map_and_record_cuda, _map_and_record_fake, _map_and_record_traced,
+          _map_and_record_decomposable)
 
 # --------------------------------------------------------------------------
 # map_only: the mapping alone; rows at or past num_unpadded_tokens come back -1.
@@ -154,6 +171,11 @@ def _map_only_cpu(ids, l2p, rc, unpadded=None):
 
 
 def map_only_cuda(ids, l2p, rc, unpadded=None):
+    if ids.dtype in NARROW_ID_DTYPES:
+        # The kernels store ids in the ids' dtype; int8 and int16 go through int32
+        # so that an id the dtype cannot hold comes back -1, never wrapped.
+        MAP_ONLY.validate(ids, l2p, rc, unpadded)
+        return _torch_impl.fit_ids(map_only_cuda(ids.to(torch.int32), l2p, rc, unpadded), ids.dtype)
     out = _CPP.map_ids(ids, l2p, rc, None, None, unpadded)
     return out if out is not None else map_only_python(ids, l2p, rc, unpadded)
 
@@ -178,12 +200,18 @@ def _map_only_traced(ids, l2p, rc, unpadded=None):
     if not on_cuda(ids):
         return _torch_impl.map_only(ids, l2p, rc, unpadded)
     triton_kernels = gpu_modules().triton_kernels
-    out = torch.empty(ids.shape, dtype=ids.dtype, device=ids.device)
-    triton_kernels.launch_map(KernelCall(ids, l2p, rc, out, num_unpadded=unpadded), traced=True)
-    return out
+    narrow = ids.dtype in NARROW_ID_DTYPES  # through int32, as map_only_cuda
+    wide = ids.to(torch.int32) if narrow else ids
+    out = torch.empty(wide.shape, dtype=wide.dtype, device=wide.device)
+    triton_kernels.launch_map(KernelCall(wide, l2p, rc, out, num_unpadded=unpadded), traced=True)
+    return _torch_impl.fit_ids(out, ids.dtype) if narrow else out
 
 
-_register("map_only", _map_only_cpu, map_only_cuda, _map_only_fake, _map_only_traced)
+def _map_only_decomposable(ids, l2p, rc, unpadded=None):
+    return MAP_ONLY.decided(ids, l2p, rc, unpadded) and _torch_impl.branches_decided(*l2p.shape)
+
+
+_register("map_only", _map_only_cpu, map_only_cuda, _map_only_fake, _map_only_traced, _map_only_decomposable)
 
 # --------------------------------------------------------------------------
 # record_counts. `start` is a SymInt so another EP rank reuses the same graph.
@@ -226,4 +254,5 @@ def _record_counts_traced(load, counts, start, gate):
     _torch_impl.record_counts(load, counts, start, gate)
 
 
-_register("record_counts", _record_counts_cpu, record_counts_cuda, _record_counts_fake, _record_counts_traced)
+_register("record_counts", _record_counts_cpu, record_counts_cuda, _record_counts_fake, _record_counts_traced,
+          RECORD_COUNTS.decided)

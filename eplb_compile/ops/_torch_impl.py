@@ -3,16 +3,27 @@ torch.compile traces (Inductor fuses it into generated loops).
 
 Vectorised, so it shares no code with ``eplb_compile.reference``, which states
 the same semantics element by element. No branch depends on the token count,
-so the token dimension may be symbolic, even unbacked.
+so the token dimension may be symbolic, even unbacked. The branches on the
+map's and the load's sizes (an empty one has nothing to index) are traced only
+where ``branches_decided`` holds; elsewhere the op stays whole in the graph.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from eplb_compile.ops._validation import id_capacity
 
 # floor(2**32 / golden ratio): the Knuth multiplicative hash vLLM uses to pick
 # a replica from the token index.
 KNUTH_MULTIPLIER = 2654435769
+
+
+def branches_decided(*sizes) -> bool:
+    """Whether each size is a plain number. A symbolic one is >= 2 only while a
+    guard says so (backed), or unknown (unbacked): not enough to index into."""
+    return all(is_concrete_int(size) for size in sizes)
 
 
 def _map(topk_ids: torch.Tensor, logical_to_physical_map: torch.Tensor, logical_replica_count: torch.Tensor):
@@ -50,12 +61,22 @@ def map_and_record(
     return physical.to(topk_ids.dtype).reshape(topk_ids.shape)
 
 
+def fit_ids(physical: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """map_only's physical ids (any integer dtype) in ``dtype``, an id the dtype
+    cannot hold made -1. Only a sparse map (an id past num_logical x slots, which
+    no EPLB map holds) can name one: the capacity rule bounds the entry count."""
+    capacity = id_capacity(dtype)
+    if capacity is not None:
+        physical = torch.where(physical < capacity, physical, -1)
+    return physical.to(dtype)
+
+
 def map_only(topk_ids, logical_to_physical_map, logical_replica_count, num_unpadded_tokens=None):
     physical, token = _map(topk_ids, logical_to_physical_map, logical_replica_count)
     if num_unpadded_tokens is not None:
         # Padded rows are never dispatched: their ids are -1 (fused into the same loop).
         physical = torch.where(token < num_unpadded_tokens.reshape(()).to(torch.int64), physical, -1)
-    return physical.to(topk_ids.dtype).reshape(topk_ids.shape)
+    return fit_ids(physical, topk_ids.dtype).reshape(topk_ids.shape)
 
 
 def record_counts(expert_load_view, counts, start, record_enabled):

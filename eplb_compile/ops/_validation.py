@@ -10,7 +10,18 @@ From that one list come three checkers, generated when this module loads:
   closure and a ``torch._check`` per condition cost more than the kernel
   launch), running the detailed checks only to build the message once it fails;
 - ``check_symbolic``: a ``torch._check_type``/``torch._check_value`` per rule,
-  for the fakes and decompositions, where shapes may be symbolic.
+  for the fakes and decompositions, where shapes may be symbolic;
+- ``decided``: whether every size rule (below) holds with no symbol involved.
+
+A size rule (``sizes=True``) guards memory or id capacity with an inequality
+between sizes (``start + n <= len(load)``, ``num_physical <= 128`` for int8
+ids). A guard on it would vanish where a compiled caller drops Dynamo's guards
+(vLLM does), and Inductor compiles backed sizes' runtime assertions out, so
+``check_symbolic`` never guards on one: it raises when the rule is false for the sizes
+being traced, passes when it holds with no symbol involved, and otherwise
+leaves it undecided. An op with an undecided size rule stays whole in the
+compiled graph (``_library.py``), and its implementation's ``validate``
+checks the real sizes on every call.
 
 Rules read metadata only (dtype, shape, strides, device): no host sync, and
 the same answer in the eager call and in the fake at trace time. Generating
@@ -23,12 +34,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_bool, statically_known_true
 
 TENSOR, OPTIONAL_TENSOR, INT = "a torch.Tensor", "a torch.Tensor or None", "an int"
 
 # uint8 is left out: it cannot hold -1, the id of an invalid slot.
 ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 _ID_CAPACITY = {torch.int8: 2**7, torch.int16: 2**15}  # ids 0 .. capacity - 1, besides -1
+NARROW_ID_DTYPES = tuple(_ID_CAPACITY)
+
+
+def id_capacity(dtype: torch.dtype) -> int | None:
+    """The number of physical ids ``dtype`` holds (ids 0 .. capacity - 1), None for int32 and int64."""
+    return _ID_CAPACITY.get(dtype)
 
 
 def ids_hold(dtype: torch.dtype, count) -> bool:
@@ -63,6 +81,27 @@ class Rule:
     condition: str  # a Python expression over the op's parameter names
     error: type[Exception]  # TypeError (a dtype) or ValueError (a shape, a device, a value)
     message: str  # the body of an f-string over the same names
+    sizes: bool = False  # a size rule: checked without a guard (see the module's docstring)
+
+
+def known(condition) -> bool:
+    """Whether ``condition`` holds for every size the graph may see. Only a
+    condition free of symbols qualifies: a symbolic one proved from ranges or
+    earlier guards (a backed size is >= 2 only while its guard stands) would
+    not survive dropped guards."""
+    return is_concrete_bool(condition) and bool(condition)
+
+
+def check_sizes(check, condition, message) -> None:
+    """``check`` (torch._check_type or _check_value) on a size rule, never guarding:
+    a symbolic condition raises only when it is false for this very call (known
+    false from the sizes traced now); otherwise the op stays whole and validates
+    on each call."""
+    if not is_concrete_bool(condition):
+        if not statically_known_true(torch.sym_not(condition)):
+            return
+        condition = False
+    check(bool(condition), message)
 
 
 def same_device(name: str, first: str, optional: bool = False) -> Rule:
@@ -122,6 +161,7 @@ def capacity_rule(count: str, what: str) -> Rule:
         TypeError,
         f"topk_ids of dtype {{topk_ids.dtype}} cannot hold every physical id: {what} ids up to "
         f"{{show({count} - 1)}}; use a wider dtype (int16, int32 or int64)",
+        sizes=True,
     )
 
 
@@ -131,29 +171,47 @@ class Spec:
     def __init__(self, op: str, params: tuple[tuple[str, str], ...], rules: list[Rule]):
         self.op, self.params, self.rules = op, params, rules
         names = ", ".join(name for name, _ in params)
-        checks = "".join(
-            f"    _check_{'type' if r.error is TypeError else 'value'}({r.condition}, lambda: f{r.message!r})\n"
-            for r in rules
-        )
+        def check_line(r: Rule) -> str:
+            checker = f"_check_{'type' if r.error is TypeError else 'value'}"
+            if r.sizes:
+                return f"    check_sizes({checker}, {r.condition}, lambda: f{r.message!r})\n"
+            return f"    {checker}({r.condition}, lambda: f{r.message!r})\n"
+
+        checks = "".join(check_line(r) for r in rules)
+        size_rules = [r.condition for r in rules if r.sizes] or ["True"]
         kinds = [(name, kind, _isinstance(name, kind)) for name, kind in params]
         raises = "".join(
             f"        if not {test}:\n            raise TypeError({op + ': ' + name + ' must be ' + kind + ', got '!r}"
             f" + type({name}).__name__)\n"
             for name, kind, test in kinds
         )
+        # A Python int past int64 would fail in the dispatcher's argument parsing, naming no rule.
+        for name, kind, _ in kinds:
+            if kind == INT:
+                raises += (f"        if not {_in_int64(name)}:\n            raise ValueError("
+                           f"f{op + ': ' + name + ' must fit in int64 (-2**63 to 2**63 - 1), got {' + name + '}'!r})\n")
+        kinds = [(name, kind, f"({test} and {_in_int64(name)})" if kind == INT else test)
+                 for name, kind, test in kinds]
         source = (
             f"def check_symbolic({names}):\n{checks}"
             f"def validate({names}):\n    if not ({' and '.join(f'({r.condition})' for r in rules)}):\n"
             f"        check_symbolic({names})\n"
             f"def check_types({names}):\n    if not ({' and '.join(test for _, _, test in kinds)}):\n{raises}"
+            f"def decided({names}):\n    return {' and '.join(f'known({c})' for c in size_rules)}\n"
         )
         namespace = {
             "torch": torch, "ID_DTYPES": ID_DTYPES, "ids_hold": ids_hold, "show": show, "shape": shape,
-            "dtype_note": dtype_note, "_check_type": torch._check_type, "_check_value": torch._check_value,
+            "dtype_note": dtype_note, "known": known, "check_sizes": check_sizes,
+            "_check_type": torch._check_type, "_check_value": torch._check_value,
         }
         exec(compile(source, f"<eplb_compile.ops {op} validation>", "exec"), namespace)  # noqa: S102
         self.check_symbolic, self.validate = namespace["check_symbolic"], namespace["validate"]
-        self.check_types = namespace["check_types"]
+        self.check_types, self.decided = namespace["check_types"], namespace["decided"]
+
+
+def _in_int64(name: str) -> str:
+    # Not while Dynamo traces: a symbolic int is an int64, and the test would only add guards.
+    return f"(torch.compiler.is_compiling() or isinstance({name}, torch.SymInt) or -2**63 <= {name} < 2**63)"
 
 
 def _isinstance(name: str, kind: str) -> str:
@@ -188,6 +246,7 @@ MAP_ONLY = Spec(
         *MAP_RULES,
         # No load here: a valid map names each physical expert once, so its
         # entry count bounds the physical ids (metadata only, no map values read).
+        # An invalid, sparse map's id past the dtype comes back -1 (_torch_impl.fit_ids).
         capacity_rule("logical_to_physical_map.shape[0] * logical_to_physical_map.shape[1]",
                       "logical_to_physical_map has {show(logical_to_physical_map.shape[0])} x "
                       "{show(logical_to_physical_map.shape[1])} entries, so"),
@@ -203,10 +262,10 @@ RECORD_COUNTS = Spec(
         *LOAD_RULES,
         Rule("counts.dtype == torch.int32", TypeError, "counts must be int32, got {counts.dtype}"),
         Rule("counts.dim() == 1", ValueError, "counts must be 1-D, got shape {shape(counts)}"),
-        Rule("start >= 0", ValueError, "start must be >= 0, got {show(start)}"),
+        Rule("start >= 0", ValueError, "start must be >= 0, got {show(start)}", sizes=True),
         Rule("start + counts.shape[0] <= expert_load_view.shape[0]", ValueError,
              "counts of length {show(counts.shape[0])} starting at start={show(start)} overrun "
-             "expert_load_view of length {show(expert_load_view.shape[0])}"),
+             "expert_load_view of length {show(expert_load_view.shape[0])}", sizes=True),
         same_device("counts", "expert_load_view"),
         same_device("record_enabled", "expert_load_view"),
     ],

@@ -41,7 +41,7 @@ def main() -> None:
     out = torch.empty_like(ids)
     args6 = (ids, l2p, rc, load, gate, unpadded)
     call = KernelCall(ids, l2p, rc, out, load, gate, unpadded)
-    launcher = chooser.choose(call)
+    launcher = chooser.choose(call).launch
     variant = cuda_variants.VARIANTS[chooser.variant_name(call)]
     function = cuda_variants.compiled_functions(call)[variant.kernel]
     params = call.cuda_params()
@@ -58,13 +58,12 @@ def main() -> None:
         ("whole: eplb_compile.map_and_record", lambda: eplb_compile.map_and_record(*args6)),
         ("whole: eplb_compile.map_only", lambda: eplb_compile.map_only(ids, l2p, rc)),
         ("whole: eplb_compile.record_counts", lambda: eplb_compile.record_counts(load, counts, 0, gate)),
-        ("record_counts: chooser.record_counts", lambda: chooser.record_counts(load, counts, 0, gate)),
+        ("record_counts: chosen count kernel", lambda: chooser.choose_counts(dev.index or 0).launch(load, counts, 0, gate)),
         ("whole: torch.ops map_and_record", lambda: torch.ops.eplb_compile.map_and_record(*args6)),
         ("C++ launcher map_ids alone", lambda: eager_extension.LAUNCHER.map_ids(*args6)),
         ("C++ launcher record_counts alone", lambda: eager_extension.LAUNCHER.record_counts(load, counts, 0, gate)),
         ("Python path map_and_record", lambda: _library.map_and_record_python(*args6)),
         ("check_types", lambda: MAP_AND_RECORD.check_types(*args6)),
-        ("runs_on_cuda_directly", lambda: _library.runs_on_cuda_directly(*args6)),
         ("validate", lambda: MAP_AND_RECORD.validate(*args6)),
         ("empty_like(contiguous)", lambda: torch.empty_like(ids, memory_format=torch.contiguous_format)),
         ("KernelCall(...)", lambda: KernelCall(ids, l2p, rc, out, load, gate, unpadded)),
