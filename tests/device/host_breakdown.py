@@ -58,7 +58,7 @@ def main() -> None:
         ("whole: eplb_compile.map_and_record", lambda: eplb_compile.map_and_record(*args6)),
         ("whole: eplb_compile.map_only", lambda: eplb_compile.map_only(ids, l2p, rc)),
         ("whole: eplb_compile.record_counts", lambda: eplb_compile.record_counts(load, counts, 0, gate)),
-        ("record_counts: chosen count kernel", lambda: chooser.choose_counts(dev.index or 0).launch(load, counts, 0, gate)),
+        ("record_counts: chosen count kernel", lambda: chooser.choose_counts(torch.cuda.current_device()).launch(load, counts, 0, gate)),
         ("whole: torch.ops map_and_record", lambda: torch.ops.eplb_compile.map_and_record(*args6)),
         ("C++ launcher map_ids alone", lambda: eager_extension.LAUNCHER.map_ids(*args6)),
         ("C++ launcher record_counts alone", lambda: eager_extension.LAUNCHER.record_counts(load, counts, 0, gate)),
