@@ -48,6 +48,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo
 
 import eplb_compile as ec  # noqa: E402
 from eplb_compile._vllm_kernel_loader import load_vllm_router_kernel  # noqa: E402
+from eplb_compile.kernels import plans  # noqa: E402
 
 HIDDEN, INTER, TOP_K, NUM_LOGICAL, NUM_REDUNDANT = 2048, 1408, 8, 64, 8
 NUM_PHYSICAL, SLOTS = NUM_LOGICAL + NUM_REDUNDANT, NUM_REDUNDANT + 1  # 0.34.0's map width
@@ -333,7 +334,7 @@ def main() -> int:
               "recording_layers": REC_LAYERS, "repeats": args.repeats,
               "shape": dict(hidden=HIDDEN, intermediate=INTER, top_k=TOP_K, num_logical=NUM_LOGICAL,
                             num_redundant=NUM_REDUNDANT, map_slots=SLOTS, dtype="bfloat16"),
-              "crossover_tokens": ec.kernels.plans.count_path_min_tokens(device) if device.type == "cuda" else None,
+              "crossover_tokens": plans.count_path_min_tokens(device) if device.type == "cuda" else None,
               "rows": rows}
     if device.type == "cuda":
         path = pathlib.Path(args.out) / "vllm_layer_cost.json"
