@@ -40,6 +40,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -325,7 +326,11 @@ def main() -> int:
     print(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)", flush=True)
     rows = []
     for tokens in map(int, args.tokens.split(",")):
-        row = time_tokens(tokens, kernels, layers, bandwidth, device, args.repeats)
+        try:
+            row = time_tokens(tokens, kernels, layers, bandwidth, device, args.repeats)
+        except Exception as error:  # report, keep the other sizes: a device call is precious
+            traceback.print_exc()
+            row = {"T": tokens, "problems": [f"T={tokens}: {type(error).__name__}: {str(error)[:300]}"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -343,6 +348,8 @@ def main() -> int:
         print(f"\n{'T':>5} {'layer':>8} {'experts':>8} {'floor':>7} {'v0.33':>6} {'v0.34':>6} {'ours':>6} "
               f"{'map':>6} {'empty':>6}  path")
         for r in rows:
+            if "floor_us" not in r:
+                continue
             a = r["alone_us"]
             print(f"{r['T']:>5} {r['layer_us']:>8.1f} {r['experts_us']:>8.1f} {r['floor_us']:>7.1f} "
                   f"{a['vllm_0.33.0']:>6.2f} {a['vllm_0.34.0']:>6.2f} {a['ours']:>6.2f} {a['map_only']:>6.2f} "
