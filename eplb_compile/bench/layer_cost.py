@@ -46,7 +46,8 @@ def _load(json_path: Path) -> tuple[str, dict, list[dict]]:
     data = json.loads(Path(json_path).read_text())
     title = (f"{data['device']} (driver {data['driver']}); torch {data['torch']}, Triton {data['triton']}, "
              f"CUDA {data['cuda']}; copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s (read + write)")
-    return title, data, sorted(data["rows"], key=lambda r: r["T"])
+    complete = [r for r in data["rows"] if "floor_us" in r]  # a size that failed on the device has only problems
+    return title, data, sorted(complete, key=lambda r: r["T"])
 
 
 def _pct(part: float, whole: float) -> str:
@@ -127,7 +128,7 @@ def render(json_path: Path, method: str = METHOD) -> list[Path]:
     """Write ``<stem>.md`` (and ``<stem>.png`` with matplotlib) beside ``json_path``; the paths written."""
     title, data, rows = _load(json_path)
     md = Path(json_path).with_suffix(".md")
-    problems = [p for r in rows for p in r.get("problems", [])]
+    problems = [p for r in data["rows"] for p in r.get("problems", [])]
     text = ["# What EPLB recording costs inside a MoE layer: vLLM 0.33.0, vLLM 0.34.0 and ours\n",
             f"{title}. {method}\n",
             f"Checks before timing: {'all numerators equal to vLLM 0.33.0 (ids and load) at every T' if not problems else 'PROBLEMS: ' + '; '.join(problems)}.\n",
