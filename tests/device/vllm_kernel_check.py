@@ -20,7 +20,9 @@ Each ``--vllm-src`` (or ``EPLB_VLLM_SRC``, one folder) holds
    replica count is <= 0 is ``hash % 0`` there; ours (and 0.33.0) map it to
    slot 0. Those entries are compared, not required equal; the rest must be.
 2. zero replicas: what the release's kernel writes for ids whose replica count
-   is 0 or -1 (int32 and int64 counts), against slot 0, -1 and the map.
+   is 0 or -1 (int32 and int64 counts), against slot 0, -1 and the map; in a
+   child process, since ``hash % 0`` may read out of bounds and fault (then
+   the fuzz draws no count < 1 for that release).
 3. graph: both captured in CUDA graphs, replayed on new ids with the gate and
    ``num_unpadded_tokens`` changed between replays.
 4. toy MoE: a MoE block built from our ops (route, map, dispatch to this
@@ -42,6 +44,7 @@ import argparse
 import os
 import pathlib
 import random
+import subprocess
 import sys
 import time
 import traceback
@@ -65,7 +68,7 @@ EDGE_TOKENS = [0, 1, 2, 3, 255, 256, 257, 1023, 4097, 8192]
 # --------------------------------------------------------------------------
 
 
-def random_case(rng: random.Random, device: str, max_tokens: int):
+def random_case(rng: random.Random, device: str, max_tokens: int, zero_counts: bool = True):
     """Random inputs on which vLLM's kernel stays in bounds.
 
     vLLM reads ``l2p[e, hash % count]`` without checking the slots (0.33.0:
@@ -81,7 +84,8 @@ def random_case(rng: random.Random, device: str, max_tokens: int):
     slots = rng.randint(1, 4)
     num_physical_ids = num_logical + rng.randint(0, 64)
     l2p = torch.randint(0, num_physical_ids, (num_logical, slots), generator=g)
-    lowest = -1 if rng.random() < 0.5 else 1  # half the cases without counts < 1: strict load checks for 0.34.0
+    # Half the cases without counts < 1 (strict load checks for 0.34.0); none where 0.34.0's kernel faults on them.
+    lowest = -1 if zero_counts and rng.random() < 0.5 else 1
     replicas = torch.randint(lowest, slots + 1, (num_logical,), generator=g)  # <= slots
     l2p[torch.rand(l2p.shape, generator=g) < 0.1] = -1  # holes, inside and past the counts
     if rng.random() < 0.3:
@@ -144,7 +148,7 @@ def check_fuzz(vllm, args) -> tuple[bool, str]:
         if time.monotonic() > deadline:  # Triton compiles a variant per new shape class
             break
         ran += 1
-        case, label = random_case(rng, args.device, args.max_tokens)
+        case, label = random_case(rng, args.device, args.max_tokens, zero_counts=vllm.zero_counts_safe)
         want_ids, want_load = run_vllm(vllm, case)
         got_ids, got_load = run_ours(case)
         zero = torch.zeros(case["ids"].numel(), dtype=torch.bool) if clamps else zero_replica_entries(case)
@@ -203,6 +207,7 @@ def check_zero_replicas(vllm, args) -> tuple[bool | None, str]:
             share = ", ".join(f"{name} {100 * int(m.sum()) / out.numel():.0f} %" for name, m in kinds.items() if m.any())
             recorded = int(load.sum())
             found.append(f"count {count} ({str(rc_dtype)[6:]}): {share}; recorded {recorded}/{out.numel()}")
+            print("PART", found[-1], flush=True)  # what ran before a fault, for the parent process
             if not torch.equal(ours, l2p.cpu()[e, 0]):
                 return False, "ours did not map a replica count <= 0 to slot 0"
     print("  zero replicas,", vllm.release or "?", "->", " | ".join(found))
@@ -351,6 +356,22 @@ def check_toy_moe(args) -> tuple[bool, str]:
 # --------------------------------------------------------------------------
 
 
+def probe_zero_replicas(src: str, args) -> tuple[bool | None, str]:
+    """Check 2 in a child process: an out-of-bounds read there must not take this process's CUDA context."""
+    command = [sys.executable, __file__, "--probe-zero-replicas", "--vllm-src", src, "--device", args.device,
+               "--seed", str(args.seed)]
+    child = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    line = next((l for l in child.stdout.splitlines() if l.startswith("PROBE ")), None)
+    if child.returncode == 0 and line:
+        return None, line.split(" ", 2)[2]
+    if line and line.startswith("PROBE FAIL"):
+        return False, line.split(" ", 2)[2]
+    error = [l for l in (child.stderr or "").splitlines() if "Error" in l or "error" in l][-1:]
+    parts = [l[5:] for l in child.stdout.splitlines() if l.startswith("PART ")]
+    return None, (" | ".join(parts) + " | then " if parts else "") + \
+        f"the kernel FAULTED (exit {child.returncode}): {error[0][:300] if error else '?'}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vllm-src", action="append", help="a folder of one release's vLLM sources (repeatable; "
@@ -360,7 +381,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=70.0, help="stop each release's fuzz after this long")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--probe-zero-replicas", action="store_true",
+                        help="only check 2 for the one --vllm-src (run in a child process: it may fault)")
     args = parser.parse_args()
+    if args.probe_zero_replicas:
+        vllm = load_vllm_router_kernel(args.vllm_src[0])
+        ok, detail = check_zero_replicas(vllm, args)
+        if args.device == "cuda":
+            torch.cuda.synchronize()  # a fault surfaces here, as a non-zero exit
+        print("PROBE", "ok" if ok is not False else "FAIL", detail)
+        return 0 if ok is not False else 1
     sources = args.vllm_src or [d for d in (os.environ.get("EPLB_VLLM_SRC", ".vllm_src"), ".vllm_src/v0.34.0")
                                 if pathlib.Path(d).is_dir()]
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
@@ -370,7 +400,10 @@ def main() -> int:
         tag = f"vLLM {vllm.release or '?'}"
         print(f"{tag} router kernel from {src}: sha256 {vllm.source_sha256[:16]}...")
         results.append((f"{src}: a known release", vllm.release is not None, f"{tag}, {vllm.source_sha256[:16]}"))
-        checks = [("fuzz", check_fuzz), ("replica count <= 0", check_zero_replicas)]
+        probe = probe_zero_replicas(src, args)
+        vllm.zero_counts_safe = probe[0] is not False  # else the fuzz draws no count < 1 (it would fault)
+        results.append((f"replica count <= 0 vs {tag}", *probe))
+        checks = [("fuzz", check_fuzz)]
         if args.device == "cuda":
             checks.append(("CUDA graph", check_graph_replay))
         for name, check in checks:
