@@ -12,14 +12,14 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 echo "== 1. kernel check vs vLLM 0.33.0 and 0.34.0"
-timeout 150 python3 tests/device/vllm_kernel_check.py --vllm-src .vllm_src --vllm-src .vllm_src/v0.34.0 \
-  --budget-s "${FUZZ_BUDGET_S:-35}" >"$OUT/vllm_kernel_check.log" 2>&1 || status=1
+timeout 130 python3 tests/device/vllm_kernel_check.py --vllm-src .vllm_src --vllm-src .vllm_src/v0.34.0 \
+  --budget-s "${FUZZ_BUDGET_S:-30}" >"$OUT/vllm_kernel_check.log" 2>&1 || status=1
 grep -E "zero replicas|MISMATCH" "$OUT/vllm_kernel_check.log" | cut -c1-400
 grep -A 30 "^check " "$OUT/vllm_kernel_check.log" || tail -n 30 "$OUT/vllm_kernel_check.log"
 echo "== 2. MoE layer cost"
 timeout 220 python3 tests/device/moe_layer_cost.py --out "$OUT" >"$OUT/moe_layer_cost.log" 2>&1 || status=1
 grep -v '^{"T"' "$OUT/moe_layer_cost.log" | tail -n 25
-left=$((560 - SECONDS))
+left=$((${TOTAL_S:-560} - SECONDS))
 if [ "${BENCH:-1}" = 1 ] && [ $left -gt 120 ]; then
   echo "== 3. eplb-compile bench --topk-plan auto (${left}s left)"
   mkdir -p "$OUT/bench"
