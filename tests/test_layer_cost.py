@@ -49,3 +49,9 @@ def test_section_for_the_bench_report(tmp_path):
     text = layer_cost.section(_write(tmp_path, [_row(1, 100.0, 2.3, 2.2, 1.8, 1.6)]))
     assert text.startswith("GPU X (driver 1.2)") and "vllm_layer_cost.json" in text
     assert "- ours <= vLLM 0.34.0's recording at every T: met" in text
+
+
+def test_older_json_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "vllm_layer_cost.json"
+    path.write_text(json.dumps({"device": "GPU X", "torch": "2.x", "rows": [{"T": 1, "eplb_off": 238.1}]}))
+    assert layer_cost.section(path).startswith("Not shown: vllm_layer_cost.json is from the older batched-layer run")

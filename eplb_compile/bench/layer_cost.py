@@ -44,6 +44,9 @@ METHOD = (
 
 def _load(json_path: Path) -> tuple[str, dict, list[dict]]:
     data = json.loads(Path(json_path).read_text())
+    if "copy_bandwidth_gbs" not in data:
+        raise ValueError(f"{Path(json_path).name} is from the older batched-layer run, which had no weight-read "
+                         "floor and one vLLM release: re-run `bash tests/device/run_layer_cost.sh`")
     title = (f"{data['device']} (driver {data['driver']}); torch {data['torch']}, Triton {data['triton']}, "
              f"CUDA {data['cuda']}; copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s (read + write)")
     complete = [r for r in data["rows"] if "floor_us" in r]  # a size that failed on the device has only problems
@@ -118,7 +121,10 @@ def goals(rows: list[dict]) -> list[str]:
 
 def section(json_path: Path) -> str:
     """The cost table and the goals, for the bench's report (``bench_results.md``)."""
-    title, _, rows = _load(json_path)
+    try:
+        title, _, rows = _load(json_path)
+    except ValueError as error:
+        return f"Not shown: {error}."
     return "\n".join([f"{title}; {Path(json_path).name}, written by `bash tests/device/run_layer_cost.sh`; µs per "
                       f"layer ({Path(json_path).with_suffix('.md').name} says how).\n", cost_table(rows), "",
                       "Goals (one run, one card):", *goals(rows)])
