@@ -29,6 +29,8 @@ and load before it is timed.
 Writes ``vllm_layer_cost.json`` to ``--out``; ``eplb_compile.bench.layer_cost``
 renders it. ``--device cpu`` (with ``TRITON_INTERPRET=1``) runs the build and
 the checks at small sizes, no timing: a syntax-and-logic check off the GPU.
+(Longer than 300 lines: one standalone script for the GPU machine, where a
+device call is scarce, so build, checks and timing travel together.)
 """
 
 from __future__ import annotations
