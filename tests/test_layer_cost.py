@@ -1,42 +1,57 @@
-"""The layer-cost report: the plugin's pick per T, the two goals, the files written."""
+"""The MoE-layer cost report: tables, goals and the per-decode-step lines from a device run's JSON."""
 
 import json
 
 from eplb_compile.bench import layer_cost
 
 
-def _row(T, layer, vllm, topk, counts):
-    row = {"T": T, "eplb_off": layer, "spread_us": 1.0}
-    for name, us in (("vllm", vllm), ("topk", topk), ("counts", counts)):
-        row.update({f"{name}_alone_us": us, f"{name}_share_pct": 100 * us / layer, f"{name}_ab_us": us})
-    return row
+def _row(T, layer, v033, v034, ours, map_only, empty=1.1, path="topk"):
+    alone = {"vllm_0.33.0": v033, "vllm_0.34.0": v034, "ours": ours, "map_only": map_only, "empty": empty}
+    return {"T": T, "ours_path": path, "problems": [], "alone_us": alone, "alone_spread_us": 0.1,
+            "layer_us": layer, "layer_spread_us": 2.0, "experts_us": layer / 2, "floor_us": layer / 4,
+            "active_experts": 8.0, "weight_mb": 138.0, "layer_with_us": {n: layer + us for n, us in alone.items()}}
 
 
-def test_goals_follow_the_plugins_pick(tmp_path):
-    rows = [_row(1, 200.0, 2.0, 1.5, 3.0), _row(8192, 100000.0, 17.0, 3.0, 2.9)]
-    lines = layer_cost.goals(rows, crossover=8192)
-    assert lines[0].endswith("met")  # topk 1.5 <= 2.0 at T=1, counts 2.9 <= 17 at 8192
-    assert "MISSED at 1" in lines[1] and "1: topk 1.50 µs = 0.750 %" in lines[1]
-    assert "8192: counts 2.90 µs" in lines[1]
-    # Below every crossover the count path would be picked nowhere: its 3.0 µs at T=1 never counts.
-    below = layer_cost.goals([_row(1, 1000.0, 2.0, 1.5, 3.0)], crossover=10**9)
-    assert below[1].startswith("- ours <= 0.5 % of the layer at every T: met")
-    slower = layer_cost.goals([_row(1, 1000.0, 1.0, 1.5, 0.5)], crossover=10**9)
-    assert slower[0].endswith("MISSED at [1]")
-
-
-def test_render_writes_the_table(tmp_path):
+def _write(tmp_path, rows):
     path = tmp_path / "vllm_layer_cost.json"
-    path.write_text(json.dumps({"device": "GPU X", "torch": "2.x", "rows": [_row(16, 700.0, 2.3, 1.9, 3.1)]}))
-    written = layer_cost.render(path, crossover=8192, method="Method.")
+    path.write_text(json.dumps({"device": "GPU X", "driver": "1.2", "torch": "2.x", "triton": "3.y", "cuda": "13",
+                                "copy_bandwidth_gbs": 3000.0, "rows": rows}))
+    return path
+
+
+def test_goals():
+    met = layer_cost.goals([_row(1, 100.0, 2.3, 2.2, 1.8, 1.6), _row(512, 900.0, 3.5, 3.4, 2.8, 1.8)])
+    assert met[0].endswith("met")
+    assert met[1].startswith("- recording's marginal cost over map-only <= 0.3 µs at T <= 128: met")
+    assert "largest 0.20 µs at T=1" in met[1]  # T=512's 1.0 µs is past the decode range
+    missed = layer_cost.goals([_row(1, 100.0, 2.3, 1.7, 1.8, 1.4), _row(16, 100.0, 2.3, 2.2, 1.8, 1.6)])
+    assert missed[0].endswith("MISSED at [1]")  # 1.8 > 0.34.0's 1.7
+    assert "MISSED at [1]" in missed[1] and "largest 0.40 µs at T=1" in missed[1]
+
+
+def test_render_writes_tables_and_decode_step(tmp_path):
+    path = _write(tmp_path, [_row(1, 100.0, 2.3, 2.2, 1.8, 1.6), _row(2048, 5000.0, 6.0, 5.5, 2.5, 2.0)])
+    written = layer_cost.render(path, method="Method.")
     text = (tmp_path / "vllm_layer_cost.md").read_text()
     assert written[0].name == "vllm_layer_cost.md"
-    assert "| 16 | 700.0 | 2.30 | 1.90 | 3.10 |" in text and "GPU X; torch 2.x. Method." in text
+    assert "GPU X (driver 1.2); torch 2.x, Triton 3.y, CUDA 13; copy bandwidth 3000 GB/s" in text
+    # T, layer, experts, floor (active), 0.33, 0.34, ours (path), map only, empty, ours - map, ours/0.34, ours/0.33
+    assert "| 1 | 100.0 | 50.0 | 25.0 (8) | 2.30 | 2.20 | 1.80 (topk) | 1.60 | 1.10 | 0.20 | 0.82 | 0.78 | 2.00 |" in text
+    assert "| 1 | 2.30 % | 2.20 % | 1.80 % | 4.40 % | 3.60 % | 8.80 % | 7.20 % |" in text
+    # 58 layers x 100 µs = 5.80 ms; 58 x 2.2 = 128 µs; 58 x 1.8 = 104 µs; saves 58 x 0.4 = 23 µs = 0.40 %
+    assert "- T=1: MoE layers 5.80 ms; recording vLLM 0.33.0 133 µs, vLLM 0.34.0 128 µs, ours 104 µs " \
+           "(saves 23 µs per step vs 0.34.0, 0.40 % of the MoE time); mapping alone 93 µs" in text
+    assert "T=2048: MoE" not in text  # prefill sizes are not decode steps
+    assert "| 1 | 100.0 | +2.3 | +2.2 | +1.8 | +1.6 | +1.1 | 2.0 |" in text  # the A/B table
 
 
 def test_section_for_the_bench_report(tmp_path):
+    text = layer_cost.section(_write(tmp_path, [_row(1, 100.0, 2.3, 2.2, 1.8, 1.6)]))
+    assert text.startswith("GPU X (driver 1.2)") and "vllm_layer_cost.json" in text
+    assert "- ours <= vLLM 0.34.0's recording at every T: met" in text
+
+
+def test_older_json_is_named_not_a_traceback(tmp_path):
     path = tmp_path / "vllm_layer_cost.json"
-    path.write_text(json.dumps({"device": "GPU X", "torch": "2.x", "rows": [_row(1, 200.0, 2.0, 1.5, 3.0)]}))
-    text = layer_cost.section(path, crossover=16384)
-    assert text.startswith("GPU X; torch 2.x; vllm_layer_cost.json")
-    assert "| 1 | 200.0 | 2.00 | 1.50 | 3.00 |" in text and "MISSED at 1" in text
+    path.write_text(json.dumps({"device": "GPU X", "torch": "2.x", "rows": [{"T": 1, "eplb_off": 238.1}]}))
+    assert layer_cost.section(path).startswith("Not shown: vllm_layer_cost.json is from the older batched-layer run")

@@ -12,7 +12,7 @@ never timed, and the command exits 1.
 
 Modules: ``inputs`` (workload), ``impls`` (what is timed and its check),
 ``timing``, ``plan`` (``--topk-plan auto``: derive and write a plan file),
-``report``, ``layer_cost`` (the vLLM-layer run's table: with
+``report``, ``layer_cost`` (the MoE-layer run's table: with
 ``vllm_layer_cost.json`` in ``--out``, the report includes it and its goals).
 The bench never edits library state or source.
 """
@@ -241,11 +241,11 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
         "\n## Goals", *report.goals(medians, tokens_list, reference, topk, crossover, host),
         "\n## Eager host cost per call (GPU kept busy; median of rounds)", report.host_table(host),
     ])
-    layer_json = out_dir / "vllm_layer_cost.json"  # the vLLM-layer run's, if one wrote it here
+    layer_json = out_dir / "vllm_layer_cost.json"  # the MoE-layer run's, if one wrote it here
     if layer_json.is_file():
         from eplb_compile.bench import layer_cost
 
-        text += "\n\n## Inside vLLM's MoE layer\n" + layer_cost.section(layer_json, crossover)
+        text += "\n\n## Inside a MoE layer\n" + layer_cost.section(layer_json)
     report.write_csv(out_dir / "bench_results.csv", [gpu, torch.__version__, triton.__version__, stamp],
                      m.samples, host)
     png = out_dir / "bench_results.png"

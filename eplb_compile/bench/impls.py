@@ -45,7 +45,7 @@ def load_vllm(src_dir: str):
         module = load_vllm_router_kernel(src_dir)
     except Exception as error:  # noqa: BLE001 - any failure means: run without vLLM, say why
         return None, f"unavailable ({type(error).__name__}: {error})"
-    version = "0.33.0" if module.matches_vllm_0_33_0 else "NOT 0.33.0 (source differs)"
+    version = module.release or f"of unknown release (source sha256 {module.source_sha256[:16]})"
     return module._eplb_map_and_record_triton, f"vLLM {version} _eplb_map_and_record_triton, loaded from {src_dir}"
 
 

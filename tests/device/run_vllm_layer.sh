@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vLLM 0.33.0's real fused-MoE layer on the GPU, through the harness, in one device call:
-#   bash tests/device/run_vllm_layer.sh [--time]
+#   bash tests/device/run_vllm_layer.sh [--checks all|traced|none]
 # Needs .vllm_gpu/ (git-ignored, carried): .whl/ and vllm-0.33.0-py.tgz from the harness's
 # make_bundle.sh, harness/vllm_shim.py beside them. Never commit them.
 set -u

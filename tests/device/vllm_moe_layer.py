@@ -15,14 +15,14 @@ replays that change the inputs, the gate and ``num_unpadded_tokens``, and
 under ``torch.compile(fullgraph=True)``. Every forward: the real rows' outputs
 are bitwise equal to stock vLLM's, and the load equals an independent count.
 
-Part 2, cost (``--time``): the layer at realistic shapes in a CUDA graph,
-EPLB off / stock recording / topk / counts; the recording's share of the layer.
+What recording costs inside a MoE layer is measured by ``moe_layer_cost.py``
+instead: this batched layer pads every expert to the batch maximum, far from
+what serving runs at decode sizes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -240,102 +240,8 @@ def check_traced_on_gpu(experts: str, lowering: str, failures: list, stats: dict
     torch._dynamo.reset()
 
 
-def _median_us(fn, replays: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean time of ``replays`` calls, from CUDA events."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / replays)
-    return sorted(times)[len(times) // 2]
-
-
-def _graph_of(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph
-
-
-def _recording_alone_us(T: int, layer: "Layer") -> dict:
-    """The recording step alone at the layer's shapes, 20 calls per graph, µs per call."""
-    from vllm.model_executor.layers.fused_moe.router.base_router import eplb_map_to_physical_and_record
-
-    import eplb_compile as ec
-
-    ids = layer.ids[:T].contiguous()
-    ids.copy_(torch.randint(0, 64, (T, 8), device=DEV, dtype=torch.int32))
-    state = dict(l2p=layer.l2p, rc=layer.replicas, load=layer.load, gate=layer.gate, unpadded=layer.unpadded)
-    calls = {
-        "vllm": lambda: eplb_map_to_physical_and_record(ids, state["load"], state["l2p"], state["rc"],
-                                                        state["gate"], state["unpadded"]),
-        "topk": lambda: ec.map_and_record(ids, state["l2p"], state["rc"], state["load"], state["gate"],
-                                          state["unpadded"]),
-        "counts": lambda: (ec.map_only(ids, state["l2p"], state["rc"], state["unpadded"]),
-                           ec.record_counts(state["load"], layer.counts, 0, state["gate"])),
-    }
-    out = {}
-    for name, call in calls.items():
-        graph = _graph_of(call, calls=20)
-        out[name] = _median_us(graph.replay, 20, 7) / 20
-    return out
-
-
-def time_layer(tokens: list[int], repeats: int) -> list[dict]:
-    """The MoE layer in a CUDA graph: EPLB off, stock recording, topk, counts.
-
-    EPLB off is the same layer with 72 logical experts and no EPLB state. Its
-    routing differs (72 logical experts instead of 64 with replicas), and the
-    batched Triton experts' work follows the per-expert token counts, so the
-    whole-layer difference does not isolate the recording; the recording step
-    is also timed alone at the layer's shapes, and its share uses that time.
-    """
-    rows = []
-    shape = dict(experts="triton", top_k=8, hidden=2048, intermediate=1408, dtype=torch.bfloat16, seed=1)
-    variants = {"eplb_off": (False, False), "vllm": (False, True), "topk": (True, True), "counts": (True, True)}
-    for T in tokens:
-        replays = 20 if T <= 512 else 4
-        medians, spread, alone = {}, {}, {}
-        for label, (op_on, eplb) in variants.items():
-            os.environ[MIN_TOKENS_ENV] = "0" if label == "counts" else str(10**9)
-            experts = dict(num_logical=64, num_redundant=8) if eplb else dict(num_logical=72, num_redundant=0)
-            layer = Layer(op_on=op_on, eplb=eplb, max_tokens=T, **experts, **shape)
-            layer.runner.router.set_capture_fn(None)
-            g = torch.Generator(device=DEV).manual_seed(T)
-            h = torch.randn((T, 2048), generator=g, device=DEV).to(torch.bfloat16)
-            lg = torch.randn((T, experts["num_logical"]), generator=g, device=DEV)
-            layer.unpadded.fill_(T)
-            graph = _graph_of(lambda: layer.forward(h, lg))
-            samples = [_median_us(graph.replay, replays, 1) for _ in range(repeats)]
-            medians[label] = sorted(samples)[len(samples) // 2]
-            spread[label] = max(samples) - min(samples)
-            if label == "topk":
-                layer.counts = torch.randint(0, T + 1, (72,), device=DEV, dtype=torch.int32)
-                alone = _recording_alone_us(T, layer)
-            del graph, layer
-            torch.cuda.empty_cache()
-        base = medians["eplb_off"]
-        row = {"T": T, **{k: round(v, 2) for k, v in medians.items()},
-               "spread_us": round(max(spread.values()), 2)}
-        for label in ("vllm", "topk", "counts"):
-            row[f"{label}_ab_us"] = round(medians[label] - base, 2)
-            row[f"{label}_alone_us"] = round(alone[label], 2)
-            row[f"{label}_share_pct"] = round(100 * alone[label] / base, 4)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--time", action="store_true")
     parser.add_argument("--checks", choices=["all", "traced", "none"], default="all",
                         help="all: eager, CUDA-graph and compiled checks; traced: Dynamo tracing _forward_impl "
                              "on the GPU (fails inside vLLM's modular kernel, at workspace.py:124's "
@@ -363,23 +269,6 @@ def main() -> int:
           f"{stats.get('traced', 0)} layers traced by Dynamo on the GPU), {len(failures)} failures")
     for line in failures[:20]:
         print("  FAIL", line)
-    if args.time:
-        rows = time_layer([1, 16, 128, 512, 2048, 8192], repeats=5)
-        with open(os.path.join(args.out, "vllm_layer_cost.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
-        from eplb_compile.bench import layer_cost
-        from eplb_compile.kernels import plans
-
-        crossover = plans.count_path_min_tokens(torch.device(DEV))
-        print("wrote", *layer_cost.render(os.path.join(args.out, "vllm_layer_cost.json"), crossover))
-        print("recording alone (µs per call, CUDA graph) and its share of the EPLB-off layer; A/B = layer minus EPLB off")
-        print(f"{'T':>5} {'layer us':>9} {'spread':>7} {'vLLM':>6} {'topk':>6} {'counts':>6} "
-              f"{'vLLM %':>7} {'topk %':>7} {'cnt %':>7} {'A/B vLLM':>9} {'A/B topk':>9} {'A/B cnt':>8}")
-        for r in rows:
-            print(f"{r['T']:>5} {r['eplb_off']:>9.1f} {r['spread_us']:>7.1f} {r['vllm_alone_us']:>6.2f} "
-                  f"{r['topk_alone_us']:>6.2f} {r['counts_alone_us']:>6.2f} {r['vllm_share_pct']:>7.3f} "
-                  f"{r['topk_share_pct']:>7.3f} {r['counts_share_pct']:>7.3f} {r['vllm_ab_us']:>9.1f} "
-                  f"{r['topk_ab_us']:>9.1f} {r['counts_ab_us']:>8.1f}")
     return 1 if failures else 0
 
 
