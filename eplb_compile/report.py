@@ -7,8 +7,10 @@ per layer the imbalance over time (the three metrics of
 :mod:`eplb_compile.metrics`), the hottest logical experts, and what each
 rearrangement changed. Loads count assignments (one per token and top-k
 slot). ``--json`` prints the same as one JSON object; ``--plot DIR`` writes
-PNGs. A folder that is not a recording, an unknown format version or a
-truncated file is a one-line error (exit status 2). Needs neither vLLM nor a GPU.
+PNGs. A folder that is not a recording or of an unknown format version is a
+one-line error (exit status 2); lost, cut or malformed chunks are read
+around, and each loss (rank, chunk, steps, maps) is printed first. Needs
+neither vLLM nor a GPU.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def summarize(recording: Recording, top: int = 3) -> dict:
     models = [ModelRecording(info, s.steps, s.load, s.map_steps, s.maps) for info, s in recording.models]
     out = {"path": recording.path, "ep_size": recording.ep_size, "vllm_version": recording.header.get("vllm_version"),
            "eplb_compile_version": recording.header.get("eplb_compile_version"),
-           "steps_missing_on_some_rank": recording.steps_missing_on_some_rank, "models": []}
+           "steps_missing_on_some_rank": recording.steps_missing_on_some_rank,
+           "damage": recording.damage, "dropped": {str(rank): c for rank, c in recording.dropped.items()},
+           "models": []}
     for model in models:
         out["models"].append(_summarize_model(model, recording.ep_size, top))
     return out
@@ -111,8 +115,9 @@ def _count(n: int, noun: str) -> str:
 def format_text(summary: dict) -> str:
     lines = [f"recording {summary['path']}: ep_size={summary['ep_size']} vllm={summary['vllm_version']} "
              f"eplb_compile={summary['eplb_compile_version']}"]
-    if summary["steps_missing_on_some_rank"]:
-        lines.append(f"  ({summary['steps_missing_on_some_rank']} steps left out: not recorded by every rank)")
+    if summary.get("damage"):
+        lines.append("  damaged recording: what follows is read around these losses:")
+        lines += [f"    {line}" for line in summary["damage"]]
     for model in summary["models"]:
         steps = model["steps"]
         lines.append(f"model {model['name']}: {len(model['layer_names'])} layers, {model['num_logical']} logical / "
