@@ -185,3 +185,46 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
     assert header["format"] == "eplb_compile.recording" and header["version"] == 2
     assert header["models"][0]["layer_names"] == INFO.layer_names
     assert tensors["model0.load"].dtype == torch.int32 and tensors["model0.load"].shape == (2, LAYERS, PHYSICAL)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top", "-1"], "argument --top: must be an integer >= 1, got -1"),
+    (["--top", "0"], "argument --top: must be an integer >= 1, got 0"),
+    (["--steps", "5:3"], "argument --steps: must be A:B with A < B, got '5:3'"),
+    (["--steps", "7"], "argument --steps: must be A:B with integers A < B"),
+])
+def test_bad_options_are_one_line_before_anything_is_read(tmp_path, capsys, argv, message):
+    from eplb_compile.cli import main
+
+    make_recording(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(tmp_path), *argv])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_plot_paths_are_checked_before_the_report_prints(tmp_path, capsys):
+    make_recording(tmp_path / "rec")
+    (tmp_path / "a_file").write_text("")
+    assert "argument --plot: " in one_line_error(capsys, str(tmp_path / "rec"), "--plot", str(tmp_path / "a_file"))
+    absent = tmp_path / "absent" / "plots"
+    assert "does not exist" in one_line_error(capsys, str(tmp_path / "rec"), "--plot", str(absent))
+    assert not (tmp_path / "absent").exists()
+
+
+def test_a_step_range_keeps_its_steps_and_its_rearrangements(tmp_path, capsys):
+    made = make_recording(tmp_path)
+    assert run_report(str(tmp_path), "--json", "--steps", "3:6") == 0
+    summary = json.loads(capsys.readouterr().out)
+    (model,) = summary["models"]
+    assert [s["step"] for s in model["steps"]] == [3, 4] and summary["step_range"] == [3, 6]
+    assert [c["step"] for c in model["rearrangements"]] == [3]
+    logical = torch.zeros((LAYERS, LOGICAL), dtype=torch.int64)
+    for step, routed_by in ((3, 0), (4, 1)):  # step 3 predates the map committed at 3
+        logical += metrics.logical_load(made["passes"][0, step] + made["passes"][1, step], made["maps"][routed_by],
+                                        LOGICAL)
+    assert model["logical_load"] == logical.tolist()
+    assert run_report(str(tmp_path), "--json", "--steps", "4:") == 0
+    (model,) = json.loads(capsys.readouterr().out)["models"]
+    assert [s["step"] for s in model["steps"]] == [4, 6] and model["rearrangements"] == []
