@@ -228,3 +228,13 @@ def test_a_step_range_keeps_its_steps_and_its_rearrangements(tmp_path, capsys):
     assert run_report(str(tmp_path), "--json", "--steps", "4:") == 0
     (model,) = json.loads(capsys.readouterr().out)["models"]
     assert [s["step"] for s in model["steps"]] == [4, 6] and model["rearrangements"] == []
+
+
+def test_plots_stop_their_lines_at_unrecorded_steps():
+    import math
+
+    from eplb_compile.report_plots import with_gaps
+
+    xs, ys = with_gaps([3, 4, 9, 10, 11, 20], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert [x if not math.isnan(x) else None for x in xs] == [3, 4, None, 9, 10, 11, None, 20]
+    assert [y if not math.isnan(y) else None for y in ys] == [1.0, 2.0, None, 3.0, 4.0, 5.0, None, 6.0]
