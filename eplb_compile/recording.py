@@ -254,15 +254,17 @@ def concat_chunks(chunks: list[tuple[dict, dict]], model: int) -> ModelSteps:
     steps, loads, maps = [], [], {}
     for _, tensors in sorted(chunks, key=lambda chunk: chunk[0]["chunk"]):
         steps += tensors[f"model{model}.steps"].tolist()
-        loads.append(tensors[f"model{model}.load"])
+        if f"model{model}.load" in tensors:  # read_recording drops loads until it sums them
+            loads.append(tensors[f"model{model}.load"])
         for kind in ("map_in_force", "maps"):
             step_key = "map_in_force_step" if kind == "map_in_force" else "map_steps"
             for step, routing in zip(tensors[f"model{model}.{step_key}"].tolist(), tensors[f"model{model}.{kind}"]):
                 maps.setdefault(step, routing)
     map_steps = sorted(maps)
-    stacked = torch.stack([maps[s] for s in map_steps]) if maps else torch.zeros((0, *loads[0].shape[1:]),
-                                                                                 dtype=torch.int64)
-    return ModelSteps(steps, torch.cat(loads), map_steps, stacked)
+    shape = next(iter(chunks))[1][f"model{model}.maps"].shape[1:]
+    stacked = torch.stack([maps[s] for s in map_steps]) if maps else torch.zeros((0, *shape), dtype=torch.int64)
+    return ModelSteps(steps, torch.cat(loads) if loads else torch.zeros((0, *shape), dtype=torch.int32),
+                      map_steps, stacked)
 
 
 _RANK_DIR = re.compile(r"rank(\d+)$")
@@ -280,7 +282,8 @@ def read_recording(path: str) -> Recording:
     files = sorted(glob.glob(os.path.join(path, "rank*", CHUNK_GLOB)))
     if not files:
         raise RecordingError(f"{path}: not a recording (no rank*/{CHUNK_GLOB} files)")
-    chunks: dict[int, dict[int, tuple[dict, dict]]] = {}
+    chunks: dict[int, dict[int, tuple[dict, dict]]] = {}  # their loads left out: read again when summed
+    chunk_files: dict[int, dict[int, str]] = {}
     unreadable: dict[int, dict[int, str]] = {}
     for file in files:
         rank_match = _RANK_DIR.search(os.path.dirname(file))
@@ -297,9 +300,12 @@ def read_recording(path: str) -> Recording:
             unreadable.setdefault(rank, {})[number] = f"{file}: malformed chunk (its header says rank " \
                                                       f"{header['ep_rank']} chunk {header['chunk']})"
             continue
-        chunks.setdefault(rank, {})[number] = (header, tensors)
+        chunks.setdefault(rank, {})[number] = (header, {k: v for k, v in tensors.items() if not k.endswith(".load")})
+        chunk_files.setdefault(rank, {})[number] = file
     if not chunks:
-        raise RecordingError(f"{path}: no readable chunk; first: {next(iter(next(iter(unreadable.values())).values()))}")
+        first = next((why for by_number in unreadable.values() for why in by_number.values()),
+                     "no file named rank<r>/chunk-<n>.safetensors")
+        raise RecordingError(f"{path}: no readable chunk; first: {first}")
     header = chunks[min(chunks)][min(chunks[min(chunks)])][0]
     ep_size = header["ep_size"]
     for rank, by_number in chunks.items():
@@ -328,15 +334,35 @@ def read_recording(path: str) -> Recording:
             damage.append(f"model {info['name']!r}: steps {_ranges(unrouted)} left out: the map that routed them "
                           f"is in no readable chunk")
             common = [step for step in common if step not in unrouted]
-        load = torch.zeros((len(common), len(info["layer_names"]), info["num_physical"]), dtype=torch.int64)
-        for rank in per_rank:
-            position = {step: row for row, step in enumerate(rank.steps)}
-            for row, step in enumerate(common):
-                load[row] += rank.load[position[step]]
+        load = _sum_over_ranks(chunks, chunk_files, index, common,
+                               (len(common), len(info["layer_names"]), info["num_physical"]))
         map_steps = sorted(maps)
         stacked = torch.stack([maps[s] for s in map_steps]) if maps else per_rank[0].maps
         models.append((info, ModelSteps(common, load, map_steps, stacked)))
     return Recording(path, ep_size, header, models, missing, damage, dropped)
+
+
+def _sum_over_ranks(chunks: dict, files: dict, model: int, common: list[int], shape: tuple) -> torch.Tensor:
+    """The passes at ``common`` steps summed over ranks, one chunk's load in memory at a time."""
+    from safetensors import safe_open
+
+    row_of = {step: row for row, step in enumerate(common)}
+    load = torch.zeros(shape, dtype=torch.int64)
+    for rank in sorted(chunks):
+        for number, (_, tensors) in sorted(chunks[rank].items()):
+            pick = [(i, row_of[step]) for i, step in enumerate(tensors[f"model{model}.steps"].tolist())
+                    if step in row_of]
+            if not pick:
+                continue
+            try:
+                with safe_open(files[rank][number], "pt") as handle:
+                    chunk_load = handle.get_tensor(f"model{model}.load")
+            except Exception as error:  # changed since it was checked
+                raise RecordingError(f"{files[rank][number]}: unreadable on the second read "
+                                     f"({str(error).splitlines()[0]})") from None
+            rows = torch.tensor([row for _, row in pick])
+            load.index_add_(0, rows, chunk_load[[i for i, _ in pick]].to(torch.int64))
+    return load
 
 
 def _agreed_maps(path: str, name: str, per_rank: list[ModelSteps]) -> dict[int, torch.Tensor]:

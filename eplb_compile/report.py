@@ -83,7 +83,9 @@ def _summarize_model(model: ModelRecording, ep_size: int, top: int) -> dict:
               "max_over_mean": metrics.imbalance_max_over_mean(load, ep_size).tolist(),
               "trtllm": metrics.imbalance_trtllm(load, ep_size).tolist()}
              for step, load in zip(model.steps, model.load, strict=True)]
-    logical = model.logical().sum(dim=0)  # [layers, logical]
+    logical = torch.zeros((len(model.info["layer_names"]), model.info["num_logical"]), dtype=torch.int64)
+    for step, load in zip(model.steps, model.load, strict=True):  # one step at a time: memory stays flat
+        logical += metrics.logical_load(load, model.map_for(step), model.info["num_logical"])
     hottest = []
     for layer, row in enumerate(logical):
         total = max(int(row.sum()), 1)
