@@ -7,14 +7,17 @@ per layer the imbalance over time (the three metrics of
 :mod:`eplb_compile.metrics`), the hottest logical experts, and what each
 rearrangement changed. Loads count assignments (one per token and top-k
 slot). ``--json`` prints the same as one JSON object; ``--plot DIR`` writes
-PNGs. A folder that is not a recording, an unknown format version or a
-truncated file is a one-line error (exit status 2). Needs neither vLLM nor a GPU.
+PNGs. A folder that is not a recording or of an unknown format version is a
+one-line error (exit status 2); lost, cut or malformed chunks are read
+around, and each loss (rank, chunk, steps, maps) is printed first. Needs
+neither vLLM nor a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -51,14 +54,28 @@ class ModelRecording:
 # ----------------------------------------------------------------------- analysis
 
 
-def summarize(recording: Recording, top: int = 3) -> dict:
-    """Everything the report prints, as plain data (the ``--json`` output)."""
-    models = [ModelRecording(info, s.steps, s.load, s.map_steps, s.maps) for info, s in recording.models]
-    out = {"path": recording.path, "ep_size": recording.ep_size, "vllm_version": recording.header.get("vllm_version"),
+def summarize(recording: Recording, top: int = 3, steps: tuple[int | None, int | None] = (None, None)) -> dict:
+    """Everything the report prints, as plain data (the ``--json`` output).
+
+    ``steps``: only EPLB steps ``first <= step < last`` (None: open); maps stay whole,
+    since a pass is routed by a map committed before the range.
+    """
+    first, last = steps
+    models = []
+    for info, s in recording.models:
+        keep = [row for row, step in enumerate(s.steps)
+                if (first is None or step >= first) and (last is None or step < last)]
+        models.append(ModelRecording(info, [s.steps[row] for row in keep], s.load[keep], s.map_steps, s.maps))
+    out = {"path": recording.path, "step_range": [first, last], "ep_size": recording.ep_size, "vllm_version": recording.header.get("vllm_version"),
            "eplb_compile_version": recording.header.get("eplb_compile_version"),
-           "steps_missing_on_some_rank": recording.steps_missing_on_some_rank, "models": []}
+           "steps_missing_on_some_rank": recording.steps_missing_on_some_rank,
+           "damage": recording.damage, "dropped": {str(rank): c for rank, c in recording.dropped.items()},
+           "models": []}
     for model in models:
-        out["models"].append(_summarize_model(model, recording.ep_size, top))
+        summary = _summarize_model(model, recording.ep_size, top)
+        summary["rearrangements"] = [c for c in summary["rearrangements"]  # those committed in the range
+                                     if (first is None or c["step"] >= first) and (last is None or c["step"] < last)]
+        out["models"].append(summary)
     return out
 
 
@@ -67,7 +84,9 @@ def _summarize_model(model: ModelRecording, ep_size: int, top: int) -> dict:
               "max_over_mean": metrics.imbalance_max_over_mean(load, ep_size).tolist(),
               "trtllm": metrics.imbalance_trtllm(load, ep_size).tolist()}
              for step, load in zip(model.steps, model.load, strict=True)]
-    logical = model.logical().sum(dim=0)  # [layers, logical]
+    logical = torch.zeros((len(model.info["layer_names"]), model.info["num_logical"]), dtype=torch.int64)
+    for step, load in zip(model.steps, model.load, strict=True):  # one step at a time: memory stays flat
+        logical += metrics.logical_load(load, model.map_for(step), model.info["num_logical"])
     hottest = []
     for layer, row in enumerate(logical):
         total = max(int(row.sum()), 1)
@@ -75,6 +94,7 @@ def _summarize_model(model: ModelRecording, ep_size: int, top: int) -> dict:
         hottest.append([{"expert": int(e), "tokens": int(v), "share": int(v) / total}
                         for v, e in zip(values, experts, strict=True)])
     return {"name": model.info["name"], "layer_names": model.info["layer_names"],
+            "window_size": model.info["window_size"],
             "num_logical": model.info["num_logical"], "num_physical": model.info["num_physical"],
             "steps": steps, "hottest": hottest, "logical_load": logical.tolist(),
             "rearrangements": _rearrangements(model, steps)}
@@ -112,13 +132,21 @@ def _count(n: int, noun: str) -> str:
 def format_text(summary: dict) -> str:
     lines = [f"recording {summary['path']}: ep_size={summary['ep_size']} vllm={summary['vllm_version']} "
              f"eplb_compile={summary['eplb_compile_version']}"]
-    if summary["steps_missing_on_some_rank"]:
-        lines.append(f"  ({summary['steps_missing_on_some_rank']} steps left out: not recorded by every rank)")
+    if summary.get("damage"):
+        lines.append("  damaged recording: what follows is read around these losses:")
+        lines += [f"    {line}" for line in summary["damage"]]
+    first, last = summary.get("step_range", [None, None])
+    if (first, last) != (None, None):
+        lines.append(f"  steps {'' if first is None else first}:{'' if last is None else last} only "
+                     f"(first <= step < last)")
     for model in summary["models"]:
         steps = model["steps"]
         lines.append(f"model {model['name']}: {len(model['layer_names'])} layers, {model['num_logical']} logical / "
                      f"{model['num_physical']} physical experts, {_count(len(steps), 'recorded step')}, "
                      f"{_count(len(model['rearrangements']), 'rearrangement')}")
+        lines.append(f"  recorded: only the steps whose pass vLLM puts into its EPLB window (the last "
+                     f"{model['window_size']} before each rearrangement, and before balancedness logs); "
+                     f"loads are assignments (token x top-k)")
         lines.append("  imbalance over time, all layers (balancedness: 1 is perfect; max/mean over EP ranks)")
         lines.append(f"  {'step':>6} {'assignments':>11} {'balancedness':>12} {'mean max/mean':>13} "
                      f"{'worst max/mean':>15}")
@@ -159,10 +187,41 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("record_dir", metavar="RECORD_DIR", help="the recorder's record_dir")
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--top", type=bounded_int(0, 1024), default=3, help="hottest experts to list per layer (default 3)")
+    parser.add_argument("--top", type=bounded_int(1, 1024), default=3, help="hottest experts to list per layer (default 3)")
+    parser.add_argument("--steps", type=_step_range, default=(None, None), metavar="A:B",
+                        help="only EPLB steps A <= step < B (either side may be left out, as in 100: or :500)")
+
+
+def _step_range(text: str) -> tuple[int | None, int | None]:
+    first, colon, last = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        bounds = tuple(int(part) if part.strip() else None for part in (first, last))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be A:B with integers A < B (either may be left out), got {text!r}") \
+            from None
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise argparse.ArgumentTypeError(f"must be A:B with A < B, got {text!r}")
+    return bounds
+
+
+def _plot_dir_problem(folder: str) -> str | None:
+    """Checked before reading: a folder the plots can be written into (made if its parent exists)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder!r} is a file, expected a directory"
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(folder) and not os.path.isdir(parent):
+        return f"directory {parent!r} does not exist"
+    if not os.access(folder if os.path.isdir(folder) else parent, os.W_OK):
+        return f"directory {folder if os.path.isdir(folder) else parent!r} is not writable"
+    return None
 
 
 def report_command(args: argparse.Namespace) -> int:
+    if args.plot and _plot_dir_problem(args.plot):
+        print(f"eplb-compile report: error: argument --plot: {_plot_dir_problem(args.plot)}", file=sys.stderr)
+        return 2
     if args.plot:
         from eplb_compile.plots import PLOT_EXTRA_HINT
 
@@ -173,9 +232,9 @@ def report_command(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     try:
-        summary = summarize(read_recording(args.record_dir), top=args.top)
-    except RecordingError as error:
-        print(f"eplb-compile report: {error}", file=sys.stderr)
+        summary = summarize(read_recording(args.record_dir), top=args.top, steps=args.steps)
+    except (RecordingError, OSError) as error:
+        print(f"eplb-compile report: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     print(json.dumps(summary) if args.json else format_text(summary))
     if args.plot:

@@ -18,7 +18,8 @@ def write_plots(summary: dict, folder: str) -> list[str]:
         steps = [s["step"] for s in model["steps"]]
         figure, axes = plt.subplots(figsize=(8, 4))
         for layer, name in enumerate(model["layer_names"]):
-            axes.plot(steps, [s["max_over_mean"][layer] for s in model["steps"]], marker=".", label=f"L{layer} {name}")
+            xs, ys = with_gaps(steps, [s["max_over_mean"][layer] for s in model["steps"]])
+            axes.plot(xs, ys, marker=".", label=f"L{layer} {name}")
         for change in model["rearrangements"]:
             axes.axvline(change["step"], color="grey", linestyle=":", linewidth=1)
         axes.set(xlabel="EPLB step", ylabel="max / mean EP-rank load", title=f"{model['name']}: imbalance per layer")
@@ -33,6 +34,19 @@ def write_plots(summary: dict, folder: str) -> list[str]:
         written.append(_save(figure, os.path.join(folder, f"model{index}_heatmap.png")))
         plt.close("all")
     return written
+
+
+def with_gaps(steps: list[int], values: list[float]) -> tuple[list[float], list[float]]:
+    """The points with a NaN between steps that are not consecutive, so that a line stops there:
+    vLLM records only the steps before a rearrangement, and a lost chunk leaves a hole."""
+    xs, ys = [], []
+    for i, (step, value) in enumerate(zip(steps, values, strict=True)):
+        if i and step != steps[i - 1] + 1:
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        xs.append(step)
+        ys.append(value)
+    return xs, ys
 
 
 def _save(figure, path: str) -> str:

@@ -228,7 +228,7 @@ def test_a_refused_launcher_switch_is_one_line_before_any_work(command, capsys, 
 
 @pytest.mark.parametrize("argv, expected", [
     (["report", "records", "--top", str(10**20)], "argument --top: must be an integer <= 1024"),
-    (["report", "records", "--top", "-1"], "argument --top: must be an integer >= 0"),
+    (["report", "records", "--top", "0"], "argument --top: must be an integer >= 1"),
 ])
 def test_report_int_options_are_bounded(argv, expected, capsys):
     assert expected in _user_error(argv, capsys)

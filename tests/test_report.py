@@ -98,11 +98,19 @@ def one_line_error(capsys, *argv) -> str:
     return captured.err
 
 
-def test_truncated_file_is_a_one_line_error(tmp_path, capsys):
-    make_recording(tmp_path)
+def test_a_truncated_file_is_read_around_and_said(tmp_path, capsys):
+    made = make_recording(tmp_path)
     chunk = tmp_path / "rank1" / "chunk-000001.safetensors"
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
-    assert "chunk-000001.safetensors: truncated or corrupt" in one_line_error(capsys, str(tmp_path))
+    assert run_report(str(tmp_path), "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    (model,) = summary["models"]
+    assert [s["step"] for s in model["steps"]] == [0, 1, 6]  # rank 1's steps 3 and 4 are gone
+    assert model["steps"][-1]["tokens"] == (made["passes"][0, 6] + made["passes"][1, 6]).sum().item()
+    lost, left_out = summary["damage"]
+    assert lost.startswith("rank 1 chunk 1 lost: ") and "chunk-000001.safetensors: truncated or corrupt" in lost
+    assert lost.endswith("its steps after 1 and before 6 and any map committed then are not in the recording of rank 1")
+    assert left_out == "model 'tiny': steps 3-4 left out: not recorded by every rank"
 
 
 def test_folder_that_is_not_a_recording(tmp_path, capsys):
@@ -122,7 +130,7 @@ def test_unknown_format_version(tmp_path, capsys):
     path = str(tmp_path / "rank0" / "chunk-000000.safetensors")
     header, tensors = recording.read_chunk(path)
     save_file(tensors, path, metadata={"eplb_compile": json.dumps({**header, "version": 99})})
-    assert "unknown format version 99 (this eplb_compile reads version 1)" in one_line_error(capsys, str(tmp_path))
+    assert "unknown format version 99 (this eplb_compile reads version 2)" in one_line_error(capsys, str(tmp_path))
 
 
 def test_missing_rank(tmp_path, capsys):
@@ -136,7 +144,9 @@ def test_steps_not_flushed_by_every_rank_are_left_out(tmp_path, capsys):
     make_recording(tmp_path)
     (tmp_path / "rank1" / "chunk-000002.safetensors").unlink()  # rank 1 killed before its last flush
     assert run_report(str(tmp_path)) == 0
-    assert "1 steps left out: not recorded by every rank" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rank 1: no closing chunk (the recorder was killed, or is still running): steps after 4" in out
+    assert "steps 6 left out: not recorded by every rank" in out
 
 
 def test_unwritable_folder_warns_once_and_never_raises(tmp_path, caplog):
@@ -158,8 +168,8 @@ def test_a_full_ring_drops_passes_with_one_warning(tmp_path, caplog):
     recorder = make_recorder(tmp_path, 0, ring_steps=2)
     with caplog.at_level(logging.WARNING):
         recorder.on_map(0, -1, torch.zeros((LAYERS, PHYSICAL), dtype=torch.int64))
-        recorder._rings[0][1].get()  # hold both slots, as a stalled writer thread would
-        recorder._rings[0][1].get()
+        recorder._rings[0][-1].get()  # hold both slots, as a stalled writer thread would
+        recorder._rings[0][-1].get()
         for step in range(3):
             recorder.on_pass(0, step, torch.ones((LAYERS, PHYSICAL), dtype=torch.int32))
         recorder.close()
@@ -172,6 +182,59 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
     names = sorted(p.name for p in (tmp_path / "rank0").iterdir())
     assert names == [f"chunk-{i:06d}.safetensors" for i in range(3)]  # no temporary left behind
     header, tensors = recording.read_chunk(str(tmp_path / "rank0" / names[0]))
-    assert header["format"] == "eplb_compile.recording" and header["version"] == 1
+    assert header["format"] == "eplb_compile.recording" and header["version"] == 2
     assert header["models"][0]["layer_names"] == INFO.layer_names
     assert tensors["model0.load"].dtype == torch.int32 and tensors["model0.load"].shape == (2, LAYERS, PHYSICAL)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top", "-1"], "argument --top: must be an integer >= 1, got -1"),
+    (["--top", "0"], "argument --top: must be an integer >= 1, got 0"),
+    (["--steps", "5:3"], "argument --steps: must be A:B with A < B, got '5:3'"),
+    (["--steps", "7"], "argument --steps: must be A:B with integers A < B"),
+])
+def test_bad_options_are_one_line_before_anything_is_read(tmp_path, capsys, argv, message):
+    from eplb_compile.cli import main
+
+    make_recording(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(tmp_path), *argv])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_plot_paths_are_checked_before_the_report_prints(tmp_path, capsys):
+    make_recording(tmp_path / "rec")
+    (tmp_path / "a_file").write_text("")
+    assert "argument --plot: " in one_line_error(capsys, str(tmp_path / "rec"), "--plot", str(tmp_path / "a_file"))
+    absent = tmp_path / "absent" / "plots"
+    assert "does not exist" in one_line_error(capsys, str(tmp_path / "rec"), "--plot", str(absent))
+    assert not (tmp_path / "absent").exists()
+
+
+def test_a_step_range_keeps_its_steps_and_its_rearrangements(tmp_path, capsys):
+    made = make_recording(tmp_path)
+    assert run_report(str(tmp_path), "--json", "--steps", "3:6") == 0
+    summary = json.loads(capsys.readouterr().out)
+    (model,) = summary["models"]
+    assert [s["step"] for s in model["steps"]] == [3, 4] and summary["step_range"] == [3, 6]
+    assert [c["step"] for c in model["rearrangements"]] == [3]
+    logical = torch.zeros((LAYERS, LOGICAL), dtype=torch.int64)
+    for step, routed_by in ((3, 0), (4, 1)):  # step 3 predates the map committed at 3
+        logical += metrics.logical_load(made["passes"][0, step] + made["passes"][1, step], made["maps"][routed_by],
+                                        LOGICAL)
+    assert model["logical_load"] == logical.tolist()
+    assert run_report(str(tmp_path), "--json", "--steps", "4:") == 0
+    (model,) = json.loads(capsys.readouterr().out)["models"]
+    assert [s["step"] for s in model["steps"]] == [4, 6] and model["rearrangements"] == []
+
+
+def test_plots_stop_their_lines_at_unrecorded_steps():
+    import math
+
+    from eplb_compile.report_plots import with_gaps
+
+    xs, ys = with_gaps([3, 4, 9, 10, 11, 20], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert [x if not math.isnan(x) else None for x in xs] == [3, 4, None, 9, 10, 11, None, 20]
+    assert [y if not math.isnan(y) else None for y in ys] == [1.0, 2.0, None, 3.0, 4.0, 5.0, None, 6.0]

@@ -19,17 +19,26 @@ class ObservabilityConfig:
     record_dir: str | None = None
     """Folder of the recording; each EP rank writes ``record_dir/rank{r}/``. None: no recording."""
     flush_every_steps: int = 100
-    """Recorded steps per file written."""
+    """Recorded steps per file written (1..MAX_FLUSH_EVERY_STEPS)."""
     ring_steps: int = 16
-    """Host slots for passes copied from the device but not yet read by the writer thread."""
+    """Host slots for passes copied from the device but not yet read by the writer thread (1..MAX_RING_STEPS)."""
     metrics_port: int | None = None
     """Prometheus port of EP rank 0; rank r serves on ``metrics_port + r``. None: no exporter."""
     metrics_host: str = "127.0.0.1"
     """Address the exporter binds (loopback unless changed)."""
+    per_expert_metrics: bool = False
+    """Also export one series per layer, logical expert and rank (many: see the plugin README)."""
 
     @property
     def enabled(self) -> bool:
         return self.record_dir is not None or self.metrics_port is not None
+
+
+# Sane maxima: a flush holds that many passes in memory (58 x 288 int32 is 67 KB each), a ring
+# slot is pinned host memory of the same size.
+MAX_FLUSH_EVERY_STEPS = 100_000
+MAX_RING_STEPS = 4096
+MAX_PORT = 65535
 
 
 def _is_int(value) -> bool:
@@ -38,10 +47,13 @@ def _is_int(value) -> bool:
 
 _CHECKS = {
     "record_dir": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty string or null"),
-    "flush_every_steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "ring_steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "metrics_port": (lambda v: v is None or (_is_int(v) and 0 < v < 65536), "an integer port in 1..65535 or null"),
+    "flush_every_steps": (lambda v: _is_int(v) and 1 <= v <= MAX_FLUSH_EVERY_STEPS,
+                          f"an integer in 1..{MAX_FLUSH_EVERY_STEPS}"),
+    "ring_steps": (lambda v: _is_int(v) and 1 <= v <= MAX_RING_STEPS, f"an integer in 1..{MAX_RING_STEPS}"),
+    "metrics_port": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_PORT),
+                     f"an integer port in 1..{MAX_PORT} or null"),
     "metrics_host": (lambda v: isinstance(v, str) and v != "", "a non-empty host string"),
+    "per_expert_metrics": (lambda v: isinstance(v, bool), "true or false"),
 }
 assert set(_CHECKS) == {f.name for f in dataclasses.fields(ObservabilityConfig)}
 
@@ -62,3 +74,11 @@ def from_additional_config(additional_config: Mapping | None) -> ObservabilityCo
         if not check(value):
             raise ValueError(f"{where}[{key!r}] must be {expected}, got {value!r}")
     return ObservabilityConfig(**section)
+
+
+def check_ports(config: ObservabilityConfig, ep_size: int) -> None:
+    """EP rank r serves on ``metrics_port + r``: the last rank's port must exist too."""
+    if config.metrics_port is not None and config.metrics_port + ep_size - 1 > MAX_PORT:
+        raise ValueError(f"additional_config[{SECTION!r}]['metrics_port'] = {config.metrics_port}: EP rank r serves "
+                         f"on metrics_port + r, and {ep_size} EP ranks need ports up to "
+                         f"{config.metrics_port + ep_size - 1} > {MAX_PORT}")

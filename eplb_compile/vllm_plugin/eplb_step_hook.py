@@ -9,7 +9,12 @@
 - ``step``: before vLLM copies the pass into its window and zeroes it, hand
   the pass to the recorder for the steps whose pass goes into the window; and
   whenever vLLM wrote a model's map (in this step or since the last one), hand
-  it the new map.
+  it the new map. When metrics are on (and EP size > 1), those steps also sum
+  the assignments per EP rank ``[layers, ep_size]`` over the EP group (one
+  all-reduce per model, in the step, never in the forward): the exporter's
+  imbalance numbers are then the EP-global ones on either lowering. Every
+  rank makes it at the same steps, a dummy step (DP rank without requests,
+  whose pass vLLM ignores) with zeros, as vLLM's own collectives in ``step`` do.
 
 Every ``EplbState`` internal (and the EP group and config reads) goes through
 ``vllm_surface.py``, which names the vLLM 0.33.0 file:line each relies on.
@@ -22,10 +27,12 @@ import atexit
 import functools
 import weakref
 
+import torch
+
 from eplb_compile.recording import START_UP_STEP, ModelInfo
 
 from . import vllm_surface
-from .config import ObservabilityConfig, from_additional_config
+from .config import ObservabilityConfig, check_ports, from_additional_config
 from .recorder import Recorder
 
 _ATTR = "_eplb_compile_recorder"  # on the EplbState instance
@@ -45,6 +52,8 @@ def _wrap_add_model(stock_add_model):
     def add_model(self, *args, **kwargs):
         # Validated before vLLM allocates anything, so a bad key stops the start-up at once.
         config = from_additional_config(vllm_surface.additional_config())
+        if config.enabled:
+            check_ports(config, vllm_surface.ep_rank_and_size()[1])
         result = stock_add_model(self, *args, **kwargs)
         _say_which_layers_record_themselves(vllm_surface.newest_model_state(self))
         if config.enabled:
@@ -99,8 +108,9 @@ def _start(state, config: ObservabilityConfig) -> Recorder:
         from .exporter import Exporter
 
         try:
-            exporter = Exporter(host=config.metrics_host, port=config.metrics_port + ep_rank, ep_size=ep_size)
-        except OSError as error:  # port taken: the server runs on, without metrics
+            exporter = Exporter(host=config.metrics_host, port=config.metrics_port + ep_rank, ep_rank=ep_rank,
+                                ep_size=ep_size, per_expert=config.per_expert_metrics)
+        except (OSError, OverflowError) as error:  # port taken: the server runs on, without metrics
             logger.warning("%s no metrics endpoint on %s:%d: %s", LOG_TAG, config.metrics_host,
                            config.metrics_port + ep_rank, error)
     recorder = Recorder(
@@ -108,6 +118,10 @@ def _start(state, config: ObservabilityConfig) -> Recorder:
         ep_rank=ep_rank, ep_size=ep_size, exporter=exporter, logger=logger,
         versions={"vllm_version": vllm_surface.vllm_version(), "eplb_compile_version": eplb_compile.__version__},
     )
+    if exporter is not None:
+        exporter.watch(lambda: dict(recorder.counters))
+    # Decided from the config, not from whether this rank's endpoint came up: every rank joins the all-reduce.
+    recorder.sums_rank_load_over_ep = config.metrics_port is not None and ep_size > 1
     setattr(state, _ATTR, recorder)
     atexit.register(_close, weakref.ref(recorder))
     logger.info("%s recording EPLB load: record_dir=%s metrics=%s", LOG_TAG, config.record_dir,
@@ -134,14 +148,26 @@ def _wrap_step(stock_step):
         # EP, update_mapping) routed this step's pass: file it before this step.
         _record_changed_maps(recorder, model_states, number - 1)
         # Read before the stock step copies the pass into the window and zeroes it.
-        if not is_dummy and vllm_surface.pass_goes_into_window(self, log_stats):
+        if vllm_surface.pass_goes_into_window(self, log_stats):
             for index, model_state in enumerate(model_states):
-                recorder.on_pass(index, number, vllm_surface.load_pass(model_state))
+                load = vllm_surface.load_pass(model_state)
+                rank_load = None
+                if recorder.sums_rank_load_over_ep:
+                    rank_load = _rank_load(load, recorder.ep_size, zero=is_dummy)
+                    vllm_surface.all_reduce_over_ep(rank_load)
+                if not is_dummy:
+                    recorder.on_pass(index, number, load, rank_load)
         stock_step(self, is_dummy, is_profile, log_stats)
         # A sync rearrangement commits inside the step, an async one during a later one.
         _record_changed_maps(recorder, model_states, number)
 
     return step
+
+
+def _rank_load(load, ep_size: int, zero: bool):
+    """This rank's pass summed per EP rank's experts, ``[layers, ep_size]`` int64 (zeros for a dummy step)."""
+    per_rank = load.reshape(load.shape[0], ep_size, -1).sum(dim=-1, dtype=torch.int64)
+    return per_rank.zero_() if zero else per_rank
 
 
 def _record_changed_maps(recorder: Recorder, model_states: list, step: int) -> None:

@@ -10,9 +10,11 @@ the exporter, and every ``flush_every_steps`` recorded steps writes one file.
 whenever a rearrangement changes it.
 
 The files' format is ``eplb_compile.recording`` (which also reads them):
-one chunk per flush per rank, written atomically. A full disk or an
-unwritable folder drops the recording with one warning; nothing here ever
-raises into the server.
+one chunk per flush per rank, written atomically, each carrying the map in
+force before it and numbered by a flush sequence that also counts failed
+flushes. A full disk or an unwritable folder drops the recording with one
+warning and counts it (``counters``: in every later chunk and in the
+metrics); nothing here ever raises into the server.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ _POLL_S = 50e-6
 class _Slot:
     """One host copy in flight: its buffer, the event after the copy, what it is."""
 
-    __slots__ = ("buffer", "event", "kind", "model", "step", "ring")
+    __slots__ = ("buffer", "rank_buffer", "event", "kind", "model", "step", "ring")
 
-    def __init__(self, buffer, event, kind, model, step, ring):
-        self.buffer, self.event, self.kind, self.model, self.step, self.ring = buffer, event, kind, model, step, ring
+    def __init__(self, buffer, rank_buffer, event, kind, model, step, ring):
+        self.buffer, self.rank_buffer, self.event = buffer, rank_buffer, event
+        self.kind, self.model, self.step, self.ring = kind, model, step, ring
 
 
 class Recorder:
@@ -48,16 +51,20 @@ class Recorder:
         self.record_dir, self.flush_every_steps, self.ring_steps = record_dir, flush_every_steps, ring_steps
         self.ep_rank, self.ep_size, self.versions = ep_rank, ep_size, versions
         self.exporter = exporter
+        self.sums_rank_load_over_ep = False  # set by the step hook: its all-reduce feeds on_pass's rank_load
         self.models: list[ModelInfo] = []
         self.map_versions: list = []  # per model, the version of its map last recorded (the step hook's)
         self.step_number = 0  # EPLB steps seen, counted by the step hook
-        self.dropped = 0  # passes lost: ring full, or the folder could not be written
+        # Steps lost, by reason, and failed flushes; the exporter reads them, the files carry them.
+        self.counters = {"dropped_ring_full": 0, "dropped_write_error": 0, "write_errors": 0}
         self._logger = logger or logging.getLogger(__name__)
         self._warned: set[str] = set()
-        self._rings: list[tuple[torch.Tensor, queue.SimpleQueue]] = []
+        self._rings: list[tuple[torch.Tensor, torch.Tensor, queue.SimpleQueue]] = []
         self._pending: list[dict[str, list]] = []
         self._recorded_since_flush = 0
-        self._chunk = 0
+        self._chunk = 0  # the flush sequence: up at every flush, written or not, so a lost one is a gap
+        self._map_in_force: list[tuple[int, torch.Tensor] | None] = []  # per model, the last map taken
+        self._chunk_map_in_force: list[tuple[int, torch.Tensor] | None] = []  # ... when the pending chunk began
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="eplb_compile-recorder", daemon=True)
         self._thread.start()
@@ -69,34 +76,52 @@ class Recorder:
         pin = torch.cuda.is_available()
         ring = torch.empty((self.ring_steps, len(info.layer_names), info.num_physical), dtype=torch.int32,
                            pin_memory=pin)
+        rank_ring = torch.empty((self.ring_steps, len(info.layer_names), self.ep_size), dtype=torch.int64,
+                                pin_memory=pin)
         free: queue.SimpleQueue = queue.SimpleQueue()
         for index in range(self.ring_steps):
             free.put(index)
         self.models.append(info)
-        self._rings.append((ring, free))
+        self._rings.append((ring, rank_ring, free))
         self._pending.append({"steps": [], "load": [], "map_steps": [], "maps": []})
+        self._map_in_force.append(None)
+        self._chunk_map_in_force.append(None)
         return len(self.models) - 1
 
-    def on_pass(self, model: int, step: int, expert_load_pass: torch.Tensor) -> None:
-        """Copy one step's pass into the ring; no host sync. Drops it if the ring is full."""
-        ring, free = self._rings[model]
+    @property
+    def dropped(self) -> int:
+        return self.counters["dropped_ring_full"] + self.counters["dropped_write_error"]
+
+    def on_pass(self, model: int, step: int, expert_load_pass: torch.Tensor,
+                rank_load: torch.Tensor | None = None) -> None:
+        """Copy one step's pass into the ring; no host sync. Drops it if the ring is full.
+
+        ``rank_load`` ``[layers, ep_size]``: the EP-global assignments per EP rank at this
+        step (the step hook's all-reduce, for the exporter); None where this rank's pass
+        is the global one (EP size 1) or nothing exports.
+        """
+        ring, rank_ring, free = self._rings[model]
         try:
             index = free.get_nowait()
         except queue.Empty:
-            self.dropped += 1
+            self.counters["dropped_ring_full"] += 1
             self._warn_once("ring", "eplb_compile recorder: the writer thread fell %d steps behind; "
                             "dropping passes until it catches up (raise ring_steps)", self.ring_steps)
             return
-        buffer = ring[index]
+        buffer, rank_buffer = ring[index], None
         buffer.copy_(expert_load_pass, non_blocking=True)
-        self._inbox.put(_Slot(buffer, _event_after_copy(expert_load_pass), "load", model, step, (free, index)))
+        if rank_load is not None:
+            rank_buffer = rank_ring[index]
+            rank_buffer.copy_(rank_load, non_blocking=True)
+        self._inbox.put(_Slot(buffer, rank_buffer, _event_after_copy(expert_load_pass), "load", model, step,
+                              (free, index)))
 
     def on_map(self, model: int, step: int, physical_to_logical_map: torch.Tensor) -> None:
         """Copy a committed map (after a rearrangement, which synchronizes anyway)."""
         pin = physical_to_logical_map.is_cuda
         buffer = torch.empty(physical_to_logical_map.shape, dtype=torch.int64, pin_memory=pin)
         buffer.copy_(physical_to_logical_map, non_blocking=True)
-        self._inbox.put(_Slot(buffer, _event_after_copy(physical_to_logical_map), "map", model, step, None))
+        self._inbox.put(_Slot(buffer, None, _event_after_copy(physical_to_logical_map), "map", model, step, None))
 
     def close(self) -> None:
         """Write what is pending and stop the thread (idempotent)."""
@@ -116,7 +141,7 @@ class Recorder:
         while True:
             item = self._inbox.get()
             if item is None:
-                self._flush()
+                self._flush(final=True)
                 return
             if isinstance(item, threading.Event):
                 item.set()
@@ -132,25 +157,30 @@ class Recorder:
             # and no synchronizing call exists for torch.cuda.set_sync_debug_mode to flag.
             time.sleep(_POLL_S)
         data = slot.buffer.clone()
+        rank_load = None if slot.rank_buffer is None else slot.rank_buffer.clone()
         if slot.ring is not None:
             slot.ring[0].put(slot.ring[1])
         pending = self._pending[slot.model]
         if slot.kind == "map":
             pending["map_steps"].append(slot.step)
             pending["maps"].append(data)
+            self._map_in_force[slot.model] = (slot.step, data)
             if self.exporter is not None:
                 self.exporter.on_map(slot.model, data)
             return
         pending["steps"].append(slot.step)
         pending["load"].append(data)
         if self.exporter is not None:
-            self.exporter.on_pass(slot.model, data)
+            if rank_load is None:  # this rank's pass is the EP-global one
+                rank_load = data.reshape(data.shape[0], self.ep_size, -1).sum(dim=-1, dtype=torch.int64)
+            self.exporter.on_pass(slot.model, data, rank_load)
         self._recorded_since_flush += 1
         if self._recorded_since_flush >= self.flush_every_steps:
             self._flush()
 
-    def _flush(self) -> None:
-        if self.record_dir is None or not any(p["steps"] or p["map_steps"] for p in self._pending):
+    def _flush(self, final: bool = False) -> None:
+        """Write the pending chunk (the last one, ``final``, even if empty: it says the recording closed)."""
+        if self.record_dir is None or not (final or any(p["steps"] or p["map_steps"] for p in self._pending)):
             self._clear()
             return
         steps = []
@@ -158,17 +188,22 @@ class Recorder:
             shape = (len(info.layer_names), info.num_physical)
             steps.append(ModelSteps(pending["steps"], _stack(pending["load"], shape, torch.int32),
                                     pending["map_steps"], _stack(pending["maps"], shape, torch.int64)))
-        header = recording.make_header(self._chunk, self.ep_rank, self.ep_size, self.versions, self.models)
+        lost = sum(len(p["steps"]) for p in self._pending)
+        header = recording.make_header(self._chunk, self.ep_rank, self.ep_size, self.versions, self.models,
+                                       final=final, counters=self.counters)
+        self._chunk += 1
         try:
-            recording.write_chunk(self.record_dir, header, recording.chunk_tensors(self.models, steps))
-            self._chunk += 1
+            recording.write_chunk(self.record_dir, header,
+                                  recording.chunk_tensors(self.models, steps, self._chunk_map_in_force))
         except Exception as error:  # OSError, or safetensors' own error for a full disk
-            self.dropped += sum(len(p["steps"]) for p in self._pending)
+            self.counters["dropped_write_error"] += lost
+            self.counters["write_errors"] += 1
             self._warn_once("write", "eplb_compile recorder: cannot write to %s (%s); recordings are dropped "
                             "until it can (this warning is not repeated)", self.record_dir, error)
         self._clear()
 
     def _clear(self) -> None:
+        self._chunk_map_in_force = list(self._map_in_force)
         for pending in self._pending:
             for values in pending.values():
                 values.clear()

@@ -329,6 +329,17 @@ def ep_rank_and_size() -> tuple[int, int]:
     return group.rank_in_group, group.world_size
 
 
+def all_reduce_over_ep(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over vLLM's EP group in place, as ``EplbState._allreduce_list``
+    (:1053 / :1089) does with the pass for its balancedness log: ``all_reduce`` on
+    ``get_ep_group().device_group``. On CUDA it is queued on the stream (no host sync)."""
+    from torch.distributed import all_reduce
+    from vllm.distributed.parallel_state import get_ep_group
+
+    all_reduce(tensor, group=get_ep_group().device_group)
+    return tensor
+
+
 def additional_config() -> Any:
     """The current ``VllmConfig.additional_config`` (``config/vllm.py:429 /
     :459``, a dict, or an object in 0.34.0); None outside a config context

@@ -1,6 +1,6 @@
 """What the EPLB load recorder adds to an EPLB step on the GPU, and proof it adds no host sync.
 
-    python3 tests/device/recorder_cost.py [--steps 2000] [--layers 58] [--physical 288]
+    python3 tests/device/recorder_cost.py [--steps 2000] [--layers 58] [--physical 288] [--window 1000]
 
 Needs torch with CUDA and this repository; vLLM is not imported (vLLM's
 ``EplbState.step`` needs its EP group, so one GPU without a distributed
@@ -19,8 +19,16 @@ the recorder of a real ``record_dir`` behind it. Measured, per step:
   step: any synchronizing call raises. The writer thread is running then
   and files are written.
 
-Prints a table (medians in µs); exits 1 if a sync was flagged or a recorded
-step is missing from the files. ``--device cpu`` checks the script's logic
+Then the writer thread's side, which shares the GIL with the server and so
+is host work added per step too: per recorded pass at the given shape and
+EPLB window (DeepSeek-V3: 58 layers, 288 physical, 256 logical, window
+1000, EP 8), the exporter's update (running sums; with and without
+per-expert series), the whole writer thread per pass (take, exporter, and
+the file writes amortized over ``flush_every_steps``), and one scrape. These
+run on the host alone, so ``--device cpu`` measures them faithfully.
+
+Prints a table (medians in µs); exits 1 if a sync was flagged, a recorded
+step is missing from the files, or the writer's work per pass is 1 ms or more. ``--device cpu`` checks the script's logic
 only: there every copy is synchronous and the writer thread competes with
 the CPU kernels' threads for the cores, so its timings mean nothing.
 """
@@ -88,19 +96,86 @@ def median_us(samples: list[float]) -> float:
     return statistics.median(samples) * 1e6
 
 
+def writer_cost(layers: int, physical: int, window: int, passes: int) -> list[tuple[str, str]]:
+    """The writer thread's host work per recorded pass, on the host (the device side is a copy launch)."""
+    import prometheus_client
+
+    from eplb_compile.vllm_plugin.exporter import Exporter
+    from eplb_compile.vllm_plugin.recorder import ModelInfo, Recorder
+
+    ep_size, num_logical = 8, 256
+    info = ModelInfo("cost", [f"model.layers.{i + 3}.mlp.experts" for i in range(layers)], num_logical, physical,
+                     window)
+    mapping = torch.arange(physical).remainder(num_logical).expand(layers, -1).clone()
+    generator = torch.Generator().manual_seed(0)
+    loads = [torch.randint(0, 4000, (layers, physical), generator=generator, dtype=torch.int32) for _ in range(8)]
+    rank_loads = [load.reshape(layers, ep_size, -1).sum(dim=-1, dtype=torch.int64) for load in loads]
+    rows = [("writer: shape, window", f"[{layers}, {physical}], {num_logical} logical, window {window}, EP {ep_size}")]
+    for per_expert in (False, True):
+        exporter = Exporter(host="127.0.0.1", port=0, ep_rank=0, ep_size=ep_size, per_expert=per_expert)
+        exporter.add_model(info)
+        exporter.on_map(0, mapping)
+        samples = []
+        for i in range(passes):
+            start = time.perf_counter()
+            exporter.on_pass(0, loads[i % 8], rank_loads[i % 8])
+            samples.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        scraped = prometheus_client.generate_latest(exporter.registry)
+        scrape_ms = (time.perf_counter() - start) * 1e3
+        exporter.close()
+        series = sum(1 for line in scraped.decode().splitlines() if line and not line.startswith("#"))
+        label = "per-expert on" if per_expert else "default"
+        rows.append((f"writer: exporter update per pass, {label}, µs (median, window full)",
+                     f"{median_us(samples[window:]):.1f}"))
+        rows.append((f"writer: one scrape, {label}: ms / samples", f"{scrape_ms:.1f} / {series}"))
+    record_dir = tempfile.mkdtemp(prefix="recorder_cost_writer_")
+    exporter = Exporter(host="127.0.0.1", port=0, ep_rank=0, ep_size=ep_size)
+    exporter.add_model(info)
+    recorder = Recorder(record_dir=record_dir, flush_every_steps=100, ring_steps=passes + 1, ep_rank=0,
+                        ep_size=ep_size, versions={"vllm_version": "none", "eplb_compile_version": "dev"},
+                        exporter=exporter)
+    recorder.add_model(info)
+    recorder.on_map(0, -1, mapping)
+    recorder.wait_idle()
+    for i in range(passes):  # queued first, so the timing below is the writer thread's work alone
+        recorder.on_pass(0, i, loads[i % 8], rank_loads[i % 8])
+    start = time.perf_counter()
+    recorder.close()  # the thread drains the queue: takes, feeds the exporter, writes every 100 passes
+    per_pass = (time.perf_counter() - start) / passes
+    exporter.close()
+    rows.append(("writer: whole thread per pass incl. file writes, µs (mean)", f"{per_pass * 1e6:.1f}"))
+    return rows
+
+
+def writer_ok(rows: list[tuple[str, str]]) -> bool:
+    """Under 1 ms of host work per recorded pass, everything the writer does included."""
+    return float(dict(rows)["writer: whole thread per pass incl. file writes, µs (mean)"]) < 1000
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--physical", type=int, default=288)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     device = torch.device(args.device)
+    writer = writer_cost(args.layers, args.physical, args.window, passes=max(args.window + 500, 1500))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("SKIP: no CUDA device")
-        return 0
+        print_rows(writer)
+        print("SKIP: no CUDA device for the step side")
+        return 0 if writer_ok(writer) else 1
     from eplb_compile.vllm_plugin.eplb_step_hook import _wrap_step
+    from eplb_compile.vllm_plugin.vllm_surface import map_version
     from eplb_compile.vllm_plugin.exporter import Exporter
     from eplb_compile.vllm_plugin.recorder import ModelInfo, Recorder
 
@@ -108,13 +183,14 @@ def main() -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     record_dir = tempfile.mkdtemp(prefix="recorder_cost_")
     state = StandInEplbState(args.layers, args.physical, 8, device)
-    exporter = Exporter(host="127.0.0.1", port=0, ep_size=8)  # the writer feeds it too, as in a server
+    exporter = Exporter(host="127.0.0.1", port=0, ep_rank=0, ep_size=8)  # the writer feeds it too, as in a server
     recorder = Recorder(record_dir=record_dir, flush_every_steps=100, ring_steps=16, ep_rank=0, ep_size=8,
                         versions={"vllm_version": "none", "eplb_compile_version": "dev"}, exporter=exporter)
     info = ModelInfo("cost", [f"layers.{i}" for i in range(args.layers)], 256, args.physical, 8)
     recorder.add_model(info)
     exporter.add_model(info)
     recorder.on_map(0, -1, state.model_states["model"].physical_to_logical_map)
+    recorder.map_versions.append(map_version(state.model_states["model"]))  # as the step hook's add_model does
     state._eplb_compile_recorder = recorder
     wrapped = _wrap_step(StandInEplbState.step)
     forward = Forward(state, args.tokens, 256, 8, device)
@@ -150,10 +226,10 @@ def main() -> int:
     recorder.close()
     exporter.close()
 
-    from eplb_compile.report import concat_chunks, read_chunk
+    from eplb_compile.recording import concat_chunks, read_chunk
 
     chunks = [read_chunk(f) for f in sorted(glob.glob(f"{record_dir}/rank0/*.safetensors"))]
-    recorded = concat_chunks(chunks, 0)[0]
+    recorded = concat_chunks(chunks, 0).steps
     missing = args.steps - len(recorded) - recorder.dropped
     device_us = {kind: statistics.median(v) * 1e3 if v else float("nan") for kind, v in device_ms.items()}
     rows = [
@@ -166,12 +242,10 @@ def main() -> int:
         ("host syncs flagged (set_sync_debug_mode error)", str(len(sync_errors))),
         ("steps recorded / dropped (ring full) / missing", f"{len(recorded)} / {recorder.dropped} / {missing}"),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_rows(rows + writer)
     for error in sync_errors[:3]:
         print("SYNC:", error)
-    ok = not sync_errors and missing == 0
+    ok = not sync_errors and missing == 0 and writer_ok(writer)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -127,14 +127,25 @@ def forward(model, config, hidden, logits):
     return out
 
 
-def finish_recording(state) -> dict:
-    """Scrape this rank's metrics endpoint (while the server runs), then flush and stop."""
+def finish_recording(state, hold_metrics: str | None = None) -> dict:
+    """Scrape this rank's metrics endpoint (while the server runs), then flush and stop.
+
+    ``hold_metrics``: a path; write ``{path}.rank{r}.ready`` once every pass is
+    in the exporter, then keep serving until ``path`` exists (a Prometheus of
+    the test scrapes meanwhile)."""
+    import time
     import urllib.request
 
     from eplb_compile.vllm_plugin import eplb_step_hook
 
     recorder = eplb_step_hook.recorder_of(state)
     recorder.wait_idle()
+    if hold_metrics:
+        with open(f"{hold_metrics}.rank{recorder.ep_rank}.ready", "w") as ready:
+            ready.write(str(time.time()))
+        deadline = time.monotonic() + 180
+        while not os.path.exists(hold_metrics) and time.monotonic() < deadline:
+            time.sleep(0.1)
     scraped = None
     if recorder.exporter is not None:
         with urllib.request.urlopen(f"http://127.0.0.1:{recorder.exporter.port}/metrics", timeout=30) as reply:
@@ -235,7 +246,7 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
     result = {"ep_rank": ep_rank, "num_local": model_on.num_local_physical_experts, "steps": steps,
               "initial_map": initial_map, "stock_off_recorded": stock_off_recorded}
     if options.get("record"):
-        result.update(finish_recording(state))
+        result.update(finish_recording(state, options.get("hold_metrics")))
     torch.save(result, out_file)
     remove_stand_ins()
 

@@ -49,7 +49,8 @@ def two_free_ports() -> int:
 def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recorder")
     port = two_free_ports()
-    section = {"record_dir": str(tmp / "recording"), "flush_every_steps": 2, "ring_steps": 8, "metrics_port": port}
+    section = {"record_dir": str(tmp / "recording"), "flush_every_steps": 2, "ring_steps": 8, "metrics_port": port,
+               "per_expert_metrics": True}
     ranks, _ = run_ranks(tmp, json.dumps({"record": True, "additional_config": {"eplb_compile": section}}))
     return ranks, section["record_dir"]
 
@@ -100,30 +101,47 @@ def scraped_values(text: str) -> dict[tuple, float]:
     return values
 
 
-def test_metrics_endpoint_serves_eplb_compile_metrics_of_the_recording(recorded):
+def test_metrics_are_the_ep_global_numbers_of_the_report_on_both_lowerings(recorded):
+    """Each rank records only part of the load (its experts' slice on the count path,
+    its own tokens on the topk path); the gauges must still be the report's numbers,
+    which sum every rank's files."""
     ranks, record_dir = recorded
+    assert {step["lowering"] for step in ranks[0]["steps"] if step["gate"]} == {"counts", "topk"}
+    (info, summed), = recording.read_recording(record_dir).models  # the report's reader
+    rank_load = summed.load.reshape(len(summed.steps), w.NUM_LAYERS, 2, -1).sum(dim=-1)  # [steps, layers, ranks]
+    window = summed.load[-w.WINDOW_SIZE :].sum(dim=0)
     for result in ranks:
+        rank = result["ep_rank"]
         values = scraped_values(result["scraped"])
-        _, (steps, loads, map_steps, maps) = rank_recording(record_dir, result["ep_rank"])
-        last = loads[-1]
-        assert values[("eplb_compile_balancedness", ())] == metrics.balancedness(last, 2)
-        assert values[("eplb_compile_recorded_steps_total", ())] == len(steps)
-        max_over_mean, trtllm = metrics.imbalance_max_over_mean(last, 2), metrics.imbalance_trtllm(last, 2)
-        window = torch.zeros((w.NUM_LAYERS, w.NUM_LOGICAL), dtype=torch.int64)
-        for step, load in list(zip(steps, loads, strict=True))[-w.WINDOW_SIZE :]:
-            routed_by = maps[max(i for i, s in enumerate(map_steps) if s < step)]
+        me = ("rank", str(rank))
+        assert values[("eplb_compile_recorded_steps_total", (me,))] == len(summed.steps)
+        for layer in range(w.NUM_LAYERS):  # the layer label is vLLM's index, from the layer's name
+            key = (("layer", str(layer)), me)
+            assert values[("eplb_compile_rank_assignments_total", key)] == rank_load[:, layer, rank].sum().item()
+        if rank == 0:
+            assert values[("eplb_compile_window_passes", (me,))] == w.WINDOW_SIZE
+            assert values[("eplb_compile_window_balancedness", (me,))] == metrics.balancedness(window, 2)
+            max_over_mean, trtllm = metrics.imbalance_max_over_mean(window, 2), metrics.imbalance_trtllm(window, 2)
             for layer in range(w.NUM_LAYERS):
-                for physical, logical in enumerate(routed_by[layer].tolist()):
-                    window[layer, logical] += load[layer, physical]
-        for layer in range(w.NUM_LAYERS):
-            key = (("layer", str(layer)),)
-            assert values[("eplb_compile_imbalance_max_over_mean", key)] == max_over_mean[layer].item()
-            assert values[("eplb_compile_imbalance_trtllm", key)] == trtllm[layer].item()
-            assert values[("eplb_compile_layer_tokens", key)] == last[layer].sum().item()
-            for expert in range(w.NUM_LOGICAL):
-                labels = (("expert", str(expert)), ("layer", str(layer)))
-                assert values[("eplb_compile_expert_load", labels)] == window[layer, expert].item()
-        assert len([k for k in values if k[0] == "eplb_compile_expert_load"]) == w.NUM_LAYERS * w.NUM_LOGICAL
+                key = (("layer", str(layer)), me)
+                assert values[("eplb_compile_window_imbalance_max_over_mean", key)] == max_over_mean[layer].item()
+                assert values[("eplb_compile_window_imbalance_trtllm", key)] == trtllm[layer].item()
+        else:  # one copy of the global gauges, on rank 0
+            assert not [k for k in values if k[0].startswith("eplb_compile_window_")]
+        for reason in ("ring_full", "write_error"):
+            assert values[("eplb_compile_dropped_steps_total", (me, ("reason", reason)))] == 0
+        assert values[("eplb_compile_write_errors_total", (me,))] == 0
+    # Per-expert series (asked for here): each rank's part, summed over ranks = the report's window.
+    logical = torch.zeros((w.NUM_LAYERS, w.NUM_LOGICAL), dtype=torch.int64)
+    for step, load in list(zip(summed.steps, summed.load, strict=True))[-w.WINDOW_SIZE :]:
+        routed_by = summed.maps[max(i for i, s in enumerate(summed.map_steps) if s < step)]
+        logical += metrics.logical_load(load, routed_by, w.NUM_LOGICAL)
+    for layer in range(w.NUM_LAYERS):
+        for expert in range(w.NUM_LOGICAL):
+            total = sum(scraped_values(result["scraped"])[("eplb_compile_expert_window_assignments", (
+                ("expert", str(expert)), ("layer", str(layer)), ("rank", str(result["ep_rank"]))))]
+                for result in ranks)
+            assert total == logical[layer, expert].item()
 
 
 def test_unwritable_record_dir_warns_once_and_the_loop_keeps_running(tmp_path):
@@ -178,6 +196,11 @@ def report_args(*argv: str):
     ({"metrics_port": "9000"}, "metrics_port"),
     ({"record_dir": 3}, "record_dir"),
     ({"ring_steps": True}, "ring_steps"),
+    ({"ring_steps": 10**9}, "ring_steps"),  # was accepted, then start-up tried to pin 66.8 TB
+    ({"flush_every_steps": 10**12}, "flush_every_steps"),
+    ({"metrics_port": 65536}, "metrics_port"),
+    ({"metrics_port": 0}, "metrics_port"),
+    ({"per_expert_metrics": "yes"}, "per_expert_metrics"),
 ])
 def test_bad_additional_config_fails_at_start_up(section, key):
     from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
@@ -196,10 +219,19 @@ def test_config_is_off_by_default_and_parses_every_key():
     assert not plugin_config.from_additional_config({}).enabled
     assert not plugin_config.from_additional_config(None).enabled
     full = {"record_dir": "/r", "flush_every_steps": 7, "ring_steps": 3, "metrics_port": 9100,
-            "metrics_host": "0.0.0.0"}
+            "metrics_host": "0.0.0.0", "per_expert_metrics": True}
     assert plugin_config.from_additional_config({"eplb_compile": full}) == plugin_config.ObservabilityConfig(**full)
     with pytest.raises(ValueError, match="must be a JSON object"):
         plugin_config.from_additional_config({"eplb_compile": ["record_dir"]})
+
+
+def test_metrics_port_must_leave_a_port_for_every_ep_rank():
+    """Rank r serves on metrics_port + r: 65535 with 2 ranks used to pass, then rank 1 died at bind."""
+    config = plugin_config.from_additional_config({"eplb_compile": {"metrics_port": 65535}})
+    plugin_config.check_ports(config, 1)
+    with pytest.raises(ValueError, match=r"'metrics_port'\] = 65535: .* 2 EP ranks need ports up to 65536"):
+        plugin_config.check_ports(config, 2)
+    plugin_config.check_ports(plugin_config.from_additional_config({"eplb_compile": {"metrics_port": 65534}}), 2)
 
 
 def test_a_map_rewritten_between_steps_is_filed_before_the_step_it_routes(tmp_path):
