@@ -1,4 +1,4 @@
-"""eplb-compile: demo (the main job, CPU by default), graphs, bench, plot, examples, report.
+"""eplb-compile: demo (the main job, CPU by default), graphs, bench, plot, examples, report, place.
 
 A user's mistake is reported on one line of stderr naming the option and what
 it accepts, with exit status 2, before any long work starts.
@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser = sub.add_parser("report", help="summarise a load recording made by the vLLM plugin's recorder")
     report.add_report_arguments(report_parser)
     report_parser.set_defaults(func=report.report_command)
+
+    from eplb_compile import place
+
+    place_parser = sub.add_parser("place", help="compute an expert placement from a recording (vLLM's EPLB policy)")
+    place.add_place_arguments(place_parser)
+    place_parser.set_defaults(func=place.place_command)
     return parser
 
 
