@@ -172,8 +172,8 @@ def check_map(physical_to_logical: torch.Tensor, num_logical: int, ep_size: int,
     bad = (physical_to_logical < 0) | (physical_to_logical >= num_logical)
     if bad.any():
         layer, slot = (int(i) for i in bad.nonzero()[0])
-        raise PlacementError(f"{where}: layer {layer} slot {slot} holds expert {int(physical_to_logical[layer, slot])}, "
-                             f"outside 0..{num_logical - 1}")
+        expert = int(physical_to_logical[layer, slot])
+        raise PlacementError(f"{where}: layer {layer} slot {slot} holds expert {expert}, outside 0..{num_logical - 1}")
     for layer in range(layers):
         missing = (torch.bincount(physical_to_logical[layer], minlength=num_logical) == 0).nonzero().flatten()
         if missing.numel():

@@ -8,7 +8,8 @@ per layer the imbalance over time (the three metrics of
 rearrangement changed. Loads count assignments (one per token and top-k
 slot). ``--json`` prints the same as one JSON object; ``--plot DIR`` writes
 PNGs. A folder that is not a recording, an unknown format version or a
-truncated file is a one-line error (exit status 2). Needs neither vLLM nor a GPU.
+truncated file is a one-line error (exit status 2). ``--what-if [PLACEMENT]``
+adds :mod:`eplb_compile.what_if`'s part. Needs neither vLLM nor a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eplb_compile import metrics
+from eplb_compile import metrics, what_if
+from eplb_compile.placement import PlacementError
 from eplb_compile.recording import Recording, RecordingError, read_recording
 
 
@@ -159,6 +161,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--top", type=int, default=3, help="hottest experts to list per layer (default 3)")
+    what_if.add_what_if_arguments(parser)
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -171,12 +174,19 @@ def report_command(args: argparse.Namespace) -> int:
             print(f"eplb-compile report: error: --plot needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}",
                   file=sys.stderr)
             return 2
+    if what_if.option_error(args):
+        print(f"eplb-compile report: error: {what_if.option_error(args)}", file=sys.stderr)
+        return 2
     try:
-        summary = summarize(read_recording(args.record_dir), top=args.top)
-    except RecordingError as error:
+        recording = read_recording(args.record_dir)
+        summary = summarize(recording, top=args.top)
+        if args.what_if is not None:
+            summary["what_if"] = what_if.what_if(recording, args.what_if, args.expert_bytes)
+    except (RecordingError, PlacementError) as error:
         print(f"eplb-compile report: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary) if args.json else format_text(summary))
+    text = format_text(summary) + ("\n" + what_if.format_text(summary["what_if"]) if "what_if" in summary else "")
+    print(json.dumps(summary) if args.json else text)
     if args.plot:
         from eplb_compile.report_plots import write_plots
 
