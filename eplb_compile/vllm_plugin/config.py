@@ -26,6 +26,10 @@ class ObservabilityConfig:
     """Prometheus port of EP rank 0; rank r serves on ``metrics_port + r``. None: no exporter."""
     metrics_host: str = "127.0.0.1"
     """Address the exporter binds (loopback unless changed)."""
+    initial_placement: str | None = None
+    """A placement file (``eplb-compile place``) every EP rank applies before serving. None: vLLM's own."""
+    online_rebalancing: bool = True
+    """False: vLLM's periodic rearrangements are skipped (the load is still counted and recorded)."""
 
     @property
     def enabled(self) -> bool:
@@ -42,6 +46,8 @@ _CHECKS = {
     "ring_steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "metrics_port": (lambda v: v is None or (_is_int(v) and 0 < v < 65536), "an integer port in 1..65535 or null"),
     "metrics_host": (lambda v: isinstance(v, str) and v != "", "a non-empty host string"),
+    "initial_placement": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty path or null"),
+    "online_rebalancing": (lambda v: isinstance(v, bool), "true or false"),
 }
 assert set(_CHECKS) == {f.name for f in dataclasses.fields(ObservabilityConfig)}
 
