@@ -119,3 +119,28 @@ def test_outputs_equal_stock_vllm(runs):
         for index, step in enumerate(result["steps"]):
             torch.testing.assert_close(step["output_on"], step["output_off"], rtol=1e-12, atol=1e-12,
                                        msg=f"rank {result['ep_rank']} step {index}")
+
+
+def test_a_placement_for_another_ep_size_stops_the_start_up_on_every_rank(runs):
+    import os
+    import subprocess
+    import sys
+
+    from test_eplb_loop import free_port
+
+    base = runs["base"]
+    wrong = compute_placement(runs["recording1"], ep_size=4)  # 12 slots split over 4 ranks: a valid file
+    path = base / "placement_ep4.json"
+    path.write_text(to_json(wrong))
+    port, worker = free_port(), os.path.join(os.path.dirname(__file__), "eplb_loop_worker.py")
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
+    procs = [subprocess.Popen([sys.executable, worker, str(rank), str(port), str(base / f"bad{rank}.pt"),
+                               options(base / "rec_bad", initial_placement=str(path))],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=240)
+        assert proc.returncode != 0
+        assert ("ValueError: additional_config['eplb_compile']['initial_placement'] does not fit model "
+                "'eplb-loop-test-model': the placement is for EP size 4, this server's is 2") in stderr
+    assert not (base / "bad0.pt").exists() and not (base / "rec_bad").exists()  # nothing ran, nothing recorded
