@@ -49,7 +49,7 @@ def transfers(old: torch.Tensor, new: torch.Tensor, ep_size: int) -> tuple[list[
     """Experts each rank receives and sends when one layer's map goes from ``old`` to ``new`` (``[physical]``)."""
     per_rank = old.numel() // ep_size
     received, sent = [0] * ep_size, [0] * ep_size
-    for expert in sorted(set(new.tolist())):
+    for expert in sorted(set(new.tolist()) - {-1}):  # -1: a slot elastic EP left empty
         holders = _ranks_holding(old, expert, per_rank)
         takers = [rank for rank in _ranks_holding(new, expert, per_rank) if rank not in holders]
         if not holders or not takers:

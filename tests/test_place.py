@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-from eplb_compile import placement_formats
 from eplb_compile.cli import main
 from eplb_compile.placement import PlacementError, load_placement
 from eplb_compile.recording import ModelInfo

@@ -91,7 +91,7 @@ def test_every_pass_is_counted_under_the_placement(runs):
 
 
 def test_measured_load_is_the_predicted_one(runs):
-    (info1, steps1), (info2, steps2) = runs["recording1"].models[0], runs["recording2"].models[0]
+    (_, steps1), (_, steps2) = runs["recording1"].models[0], runs["recording2"].models[0]
     assert steps1.steps == steps2.steps and len(steps2.steps) >= 2
     rows = selected_rows(steps2, StepRange())
     logical = logical_load(steps1, rows, w.NUM_LOGICAL)
