@@ -7,7 +7,7 @@ depends on (paths under ``vllm/``), as ``file:line`` in 0.33.0 then 0.34.0
 plugin needs no branch of its own: each difference is said where it is read. The rest of the plugin only
 calls these functions, vLLM's public ``CustomOp`` API and ``eplb_compile``'s
 public ops. Everything on the forward path here is plain attribute access
-that Dynamo traces without a graph break. It runs a little over 300 lines
+that Dynamo traces without a graph break. It runs a little over 400 lines
 by design: it is the one list of the plugin's vLLM touchpoints.
 """
 
