@@ -1,4 +1,4 @@
-"""eplb-compile: demo (the main job, CPU by default), graphs, bench, plot, examples, report.
+"""eplb-compile: demo (the main job, CPU by default), graphs, bench, plot, examples, report, place.
 
 A user's mistake is reported on one line of stderr naming the option and what
 it accepts, with exit status 2, before any long work starts.
@@ -123,6 +123,10 @@ def _demo(args: argparse.Namespace) -> int:
         _check_matplotlib(parser, "--plot")
     if args.save_window:
         _check_output_file(parser, "--save-window", args.save_window)
+    if args.record:
+        _check_output_dir(parser, "--record", args.record, create=True)
+        if args.record.is_dir() and any(args.record.iterdir()):
+            parser.error(f"argument --record: directory {str(args.record)!r} is not empty")
     cfg = DemoConfig(
         layers=args.layers,
         ep_size=args.ep_size,
@@ -131,9 +135,20 @@ def _demo(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         count_path_min_tokens=args.count_path_min_tokens,
+        placement="linear" if args.linear else "eplb",
     )
     result = run_demo(cfg, compile=not args.eager)
     print(format_report(cfg, result))
+    if args.record:
+        from eplb_compile.demo_recording import write_demo_recording
+
+        try:
+            steps = write_demo_recording(cfg, result, str(args.record))
+        except OSError as error:
+            print(f"eplb-compile demo: error: {error}", file=sys.stderr)
+            return 2
+        print(f"recorded {steps} steps of {cfg.ep_size} EP ranks into {args.record} "
+              f"(try: eplb-compile report {args.record} --what-if)")
     if args.plot:
         from eplb_compile.plots import imbalance_series, plot_imbalance_over_steps
 
@@ -257,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", type=Path, metavar="FILE.png",
                       help="plot per-layer imbalance over steps for both lowerings (needs the [plot] extra)")
     demo.add_argument("--save-window", type=Path, metavar="FILE.pt", help="torch.save the [steps, layers, physical] loads")
+    demo.add_argument("--record", type=Path, metavar="DIR",
+                      help="also write the load in the vLLM plugin recorder's format into DIR (new or empty), "
+                           "for report and place")
+    demo.add_argument("--linear", action="store_true",
+                      help="start on vLLM's linear placement instead of EPLB's from the routing prior")
     demo.set_defaults(func=_demo, parser=demo)
 
     graphs = sub.add_parser("graphs", help="print (or --regenerate) the captured graphs")
@@ -289,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser = sub.add_parser("report", help="summarise a load recording made by the vLLM plugin's recorder")
     report.add_report_arguments(report_parser)
     report_parser.set_defaults(func=report.report_command)
+
+    from eplb_compile import place
+
+    place_parser = sub.add_parser("place", help="compute an expert placement from a recording (vLLM's EPLB policy)")
+    place.add_place_arguments(place_parser)
+    place_parser.set_defaults(func=place.place_command)
     return parser
 
 

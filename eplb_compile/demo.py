@@ -20,7 +20,7 @@ from eplb_compile import metrics
 from eplb_compile.ops import map_and_record, map_only, record_counts
 from eplb_compile.reference import map_and_record_reference
 from eplb_compile.selection import Lowering, select_lowering
-from eplb_compile.workloads import eplb_placement, zipf_popularity
+from eplb_compile.workloads import eplb_placement, linear_placement, zipf_popularity
 
 # Even layers use a backend with exact counts, odd ones one without, so the
 # demo shows the selector taking both branches.
@@ -41,6 +41,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
     count_path_min_tokens: int | None = None
+    placement: str = "eplb"  # "eplb": EPLB's from the routing prior; "linear": vLLM's before any rearrangement
 
     def __post_init__(self) -> None:
         for name in ("layers", "ep_size", "num_logical", "top_k", "hidden", "tokens_per_rank", "steps"):
@@ -51,6 +52,8 @@ class DemoConfig:
             raise ValueError(f"DemoConfig needs num_redundant >= 0 and top_k <= num_logical, got {self}")
         if self.num_physical % self.ep_size:
             raise ValueError(f"DemoConfig.ep_size={self.ep_size} must divide the {self.num_physical} physical experts")
+        if self.placement not in ("eplb", "linear"):
+            raise ValueError(f"DemoConfig.placement must be 'eplb' or 'linear', got {self.placement!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"DemoConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -82,9 +85,13 @@ class ToyMoELayer(nn.Module):
         # the routing; EPLB's placement replicates the experts it makes hot.
         prior = zipf_popularity(cfg.num_logical, alpha=cfg.zipf_s, order=torch.randperm(cfg.num_logical, generator=g))
         self.register_buffer("router_bias", prior.log().float())
-        placement = eplb_placement(cfg.num_logical, cfg.num_redundant, cfg.ep_size, load=prior)
+        if cfg.placement == "linear":
+            placement = linear_placement(cfg.num_logical, cfg.num_redundant, cfg.ep_size)
+        else:
+            placement = eplb_placement(cfg.num_logical, cfg.num_redundant, cfg.ep_size, load=prior)
         self.register_buffer("logical_to_physical_map", placement.logical_to_physical_map)
         self.register_buffer("logical_replica_count", placement.logical_replica_count)
+        self.register_buffer("physical_to_logical_map", placement.physical_to_logical_map)
         # Buffers, not inputs: cudagraph trees treat them as static addresses.
         for lowering in Lowering:
             self.register_buffer(
@@ -192,6 +199,8 @@ class DemoResult:
     gate: list[bool]
     compile_seconds: float
     run_seconds: float
+    rank_loads: torch.Tensor  # [steps, layers, ep_size, physical]: each rank's pass, topk lowering
+    physical_to_logical: torch.Tensor  # [layers, physical]: the placement the block routes by
 
 
 def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
@@ -204,7 +213,7 @@ def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
             layer.compile(fullgraph=True)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     loads = {lowering.value: [] for lowering in Lowering}
-    reference, gate = [], []
+    reference, gate, rank_loads = [], [], []
     compile_seconds = run_seconds = 0.0
     for step in range(cfg.steps):
         x = torch.randn(cfg.ep_size, cfg.tokens_per_rank, cfg.hidden, generator=g).to(cfg.device)
@@ -228,6 +237,7 @@ def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
         for name in loads:
             # Summing the rank axis is the EP all-reduce.
             loads[name].append(model.load_pass(Lowering(name)).sum(dim=1).cpu())
+        rank_loads.append(model.load_pass(Lowering.TOPK).cpu())
         reference.append(_reference_load(model, logical_ids, unpadded, record))
     return DemoResult(
         choose_lowerings(cfg),
@@ -236,6 +246,8 @@ def run_demo(cfg: DemoConfig, *, compile: bool = True) -> DemoResult:
         gate,
         compile_seconds,
         run_seconds,
+        torch.stack(rank_loads),
+        torch.stack([layer.physical_to_logical_map.cpu() for layer in model.layers]),
     )
 
 

@@ -9,7 +9,8 @@ rearrangement changed. Loads count assignments (one per token and top-k
 slot). ``--json`` prints the same as one JSON object; ``--plot DIR`` writes
 PNGs. A folder that is not a recording or of an unknown format version is a
 one-line error (exit status 2); lost, cut or malformed chunks are read
-around, and each loss (rank, chunk, steps, maps) is printed first. Needs
+around, and each loss (rank, chunk, steps, maps) is printed first.
+``--what-if [PLACEMENT]`` adds :mod:`eplb_compile.what_if`'s part. Needs
 neither vLLM nor a GPU.
 """
 
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from eplb_compile import metrics
+from eplb_compile import metrics, what_if
 from eplb_compile.cli import bounded_int
+from eplb_compile.placement import PlacementError
 from eplb_compile.recording import Recording, RecordingError, read_recording
 
 
@@ -190,6 +192,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=bounded_int(1, 1024), default=3, help="hottest experts to list per layer (default 3)")
     parser.add_argument("--steps", type=_step_range, default=(None, None), metavar="A:B",
                         help="only EPLB steps A <= step < B (either side may be left out, as in 100: or :500)")
+    what_if.add_what_if_arguments(parser)
 
 
 def _step_range(text: str) -> tuple[int | None, int | None]:
@@ -231,12 +234,19 @@ def report_command(args: argparse.Namespace) -> int:
             print(f"eplb-compile report: error: --plot needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}",
                   file=sys.stderr)
             return 2
+    if what_if.option_error(args):
+        print(f"eplb-compile report: error: {what_if.option_error(args)}", file=sys.stderr)
+        return 2
     try:
-        summary = summarize(read_recording(args.record_dir), top=args.top, steps=args.steps)
-    except (RecordingError, OSError) as error:
+        recording = read_recording(args.record_dir)
+        summary = summarize(recording, top=args.top, steps=args.steps)
+        if args.what_if is not None:
+            summary["what_if"] = what_if.what_if(recording, args.what_if, args.expert_bytes)
+    except (RecordingError, PlacementError, OSError) as error:
         print(f"eplb-compile report: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(json.dumps(summary) if args.json else format_text(summary))
+    text = format_text(summary) + ("\n" + what_if.format_text(summary["what_if"]) if "what_if" in summary else "")
+    print(json.dumps(summary) if args.json else text)
     if args.plot:
         from eplb_compile.report_plots import write_plots
 

@@ -154,3 +154,20 @@ def eplb_placement(
         rank_used[rank] += 1
         placed[expert] += 1
     return Placement(l2p, replicas, p2l, num_physical, num_local)
+
+
+def linear_placement(num_logical: int, num_redundant: int, ep_size: int) -> Placement:
+    """vLLM's default placement before any rearrangement: slot s holds expert ``s % num_logical``."""
+    _check_int("num_logical", num_logical, 1)
+    _check_int("num_redundant", num_redundant, 0)
+    _check_int("ep_size", ep_size, 1)
+    num_physical = num_logical + num_redundant
+    if num_physical % ep_size:
+        raise ValueError(f"{num_physical} physical experts do not split over ep_size={ep_size} ranks")
+    p2l = torch.arange(num_physical) % num_logical
+    replicas = torch.bincount(p2l, minlength=num_logical)
+    l2p = torch.full((num_logical, int(replicas.max())), -1, dtype=torch.int64)
+    for expert in range(num_logical):
+        slots = (p2l == expert).nonzero().flatten()
+        l2p[expert, : slots.numel()] = slots
+    return Placement(l2p, replicas, p2l, num_physical, num_physical // ep_size)

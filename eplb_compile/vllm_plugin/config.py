@@ -28,6 +28,10 @@ class ObservabilityConfig:
     """Address the exporter binds (loopback unless changed)."""
     per_expert_metrics: bool = False
     """Also export one series per layer, logical expert and rank (many: see the plugin README)."""
+    initial_placement: str | None = None
+    """A placement file (``eplb-compile place``) every EP rank applies before serving. None: vLLM's own."""
+    online_rebalancing: bool = True
+    """False: vLLM's periodic rearrangements are skipped (the load is still counted and recorded)."""
 
     @property
     def enabled(self) -> bool:
@@ -54,6 +58,8 @@ _CHECKS = {
                      f"an integer port in 1..{MAX_PORT} or null"),
     "metrics_host": (lambda v: isinstance(v, str) and v != "", "a non-empty host string"),
     "per_expert_metrics": (lambda v: isinstance(v, bool), "true or false"),
+    "initial_placement": (lambda v: v is None or (isinstance(v, str) and v != ""), "a non-empty path or null"),
+    "online_rebalancing": (lambda v: isinstance(v, bool), "true or false"),
 }
 assert set(_CHECKS) == {f.name for f in dataclasses.fields(ObservabilityConfig)}
 

@@ -4,7 +4,8 @@
 
 - ``add_model``: after vLLM builds a model's EPLB state (at model load, with
   vLLM's config current), read and validate ``additional_config["eplb_compile"]``
-  (a bad key fails the start-up) and, if it asks for it, start this rank's
+  (a bad key fails the start-up), apply an ``initial_placement``
+  (``initial_placement.py``) and, if it asks for it, start this rank's
   recorder and exporter and record the initial map.
 - ``step``: before vLLM copies the pass into its window and zeroes it, hand
   the pass to the recorder for the steps whose pass goes into the window; and
@@ -31,7 +32,7 @@ import torch
 
 from eplb_compile.recording import START_UP_STEP, ModelInfo
 
-from . import vllm_surface
+from . import initial_placement, vllm_surface
 from .config import ObservabilityConfig, check_ports, from_additional_config
 from .recorder import Recorder
 
@@ -41,6 +42,7 @@ _ATTR = "_eplb_compile_recorder"  # on the EplbState instance
 def install() -> None:
     """Wrap ``EplbState.add_model`` and ``EplbState.step`` (idempotent)."""
     vllm_surface.wrap_eplb_state_methods(_wrap_add_model, _wrap_step)
+    initial_placement.install()
 
 
 def recorder_of(eplb_state) -> Recorder | None:
@@ -54,7 +56,9 @@ def _wrap_add_model(stock_add_model):
         config = from_additional_config(vllm_surface.additional_config())
         if config.enabled:
             check_ports(config, vllm_surface.ep_rank_and_size()[1])
+        initial_placement.before_add_model(self, config)
         result = stock_add_model(self, *args, **kwargs)
+        initial_placement.after_add_model(self, vllm_surface.add_model_config(args, kwargs))
         _say_which_layers_record_themselves(vllm_surface.newest_model_state(self))
         if config.enabled:
             _record_new_model(self, recorder_of(self) or _start(self, config))

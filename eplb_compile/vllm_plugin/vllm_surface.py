@@ -8,7 +8,7 @@ needs no branch of its own: each difference is said where it is read. The rest
 of the plugin only calls these functions, vLLM's public ``CustomOp`` API and
 ``eplb_compile``'s public ops. Everything on the forward path here is plain
 attribute access that Dynamo traces without a graph break. It runs past 300
-lines by design: it is the one list of the plugin's vLLM touchpoints, each
+lines (over 400) by design: it is the one list of the plugin's vLLM touchpoints, each
 with its lines in two releases.
 """
 
@@ -348,6 +348,55 @@ def additional_config() -> Any:
 
     vllm_config = get_current_vllm_config_or_none()
     return None if vllm_config is None else vllm_config.additional_config
+
+
+# --------------------------------------------------------------------------
+# EplbState (the initial placement). ``distributed/eplb/eplb_state.py`` unless named.
+# --------------------------------------------------------------------------
+
+
+def add_model_config(args: tuple, kwargs: dict):
+    """The ``model_config`` argument of ``EplbState.add_model(model, model_config, model_name=None)``
+    (:362 / :369), whichever way it was passed; ``update_mapping`` finds the model state by it."""
+    return args[1] if len(args) > 1 else kwargs["model_config"]
+
+
+def move_experts_and_commit(state, model_state, model_config, new_map: torch.Tensor) -> None:
+    """Move this rank's expert weights to ``new_map`` (``[layers, physical]``) and make it the model's map,
+    with vLLM's own machinery, as a synchronous rearrangement does (``rearrange``, :933-950 / :977-994).
+
+    Weights: ``rebalance_execute.py:642 / :669`` ``rearrange_expert_weights_inplace(old, new,
+    model.expert_weights, model_state.expert_buffer, ep_group, model_state.communicator)``, a collective
+    every EP rank enters; ``MixtureOfExperts.expert_weights`` (``models/interfaces.py:1058 / :1057``)
+    is filled by ``add_model``, the buffer and communicator are ``EplbModelState`` fields
+    (:190, :212 / :191, :213); the group is ``get_ep_group().device_group`` as ``rearrange`` takes it
+    (:775 / :819). Maps: ``EplbState.update_mapping(model_config, expanded)`` (:1111 / :1152), which
+    writes ``physical_to_logical_map_buffer`` (:121 / :122, wider than the map only under elastic EP,
+    padded with -1) and recomputes the logical -> physical map and replica counts from it.
+    """
+    from vllm.distributed.eplb.rebalance_execute import rearrange_expert_weights_inplace
+    from vllm.distributed.parallel_state import get_ep_group
+
+    current = model_state.physical_to_logical_map
+    new_map = new_map.to(device=current.device, dtype=current.dtype)
+    rearrange_expert_weights_inplace(current, new_map, model_state.model.expert_weights, model_state.expert_buffer,
+                                     get_ep_group().device_group, model_state.communicator)
+    expanded = torch.full_like(model_state.physical_to_logical_map_buffer, -1)
+    expanded[:, : new_map.shape[1]] = new_map
+    state.update_mapping(model_config, expanded)
+
+
+def wrap_eplb_state_rearrange(wrapper: Callable) -> None:
+    """Replace ``EplbState.rearrange(is_profile=False, rank_mapping=None, use_last_expert_load=False)``
+    (:758 / :802) by ``wrapper(stock)``, once. ``step`` calls it every ``step_interval`` steps (:682-693 /
+    :701-712); elastic EP calls it with a ``rank_mapping``; the profile run with ``is_profile``."""
+    from vllm.distributed.eplb.eplb_state import EplbState
+
+    if getattr(EplbState.rearrange, MARK, False):
+        return
+    wrapped = wrapper(EplbState.rearrange)
+    setattr(wrapped, MARK, True)
+    EplbState.rearrange = wrapped
 
 
 # --------------------------------------------------------------------------

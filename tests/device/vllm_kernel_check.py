@@ -356,20 +356,21 @@ def check_toy_moe(args) -> tuple[bool, str]:
 # --------------------------------------------------------------------------
 
 
-def probe_zero_replicas(src: str, args) -> tuple[bool | None, str]:
-    """Check 2 in a child process: an out-of-bounds read there must not take this process's CUDA context."""
+def probe_zero_replicas(src: str, args) -> tuple[bool | None, str, bool]:
+    """Check 2 in a child process: an out-of-bounds read there must not take this
+    process's CUDA context. Returns (ok, detail, the kernel faulted)."""
     command = [sys.executable, __file__, "--probe-zero-replicas", "--vllm-src", src, "--device", args.device,
                "--seed", str(args.seed)]
     child = subprocess.run(command, capture_output=True, text=True, timeout=120)
     line = next((l for l in child.stdout.splitlines() if l.startswith("PROBE ")), None)
     if child.returncode == 0 and line:
-        return None, line.split(" ", 2)[2]
+        return None, line.split(" ", 2)[2], False
     if line and line.startswith("PROBE FAIL"):
-        return False, line.split(" ", 2)[2]
+        return False, line.split(" ", 2)[2], False
     error = [l for l in (child.stderr or "").splitlines() if "Error" in l or "error" in l][-1:]
     parts = [l[5:] for l in child.stdout.splitlines() if l.startswith("PART ")]
     return None, (" | ".join(parts) + " | then " if parts else "") + \
-        f"the kernel FAULTED (exit {child.returncode}): {error[0][:300] if error else '?'}"
+        f"the kernel FAULTED (exit {child.returncode}): {error[0][:300] if error else '?'}", True
 
 
 def main() -> int:
@@ -400,9 +401,9 @@ def main() -> int:
         tag = f"vLLM {vllm.release or '?'}"
         print(f"{tag} router kernel from {src}: sha256 {vllm.source_sha256[:16]}...")
         results.append((f"{src}: a known release", vllm.release is not None, f"{tag}, {vllm.source_sha256[:16]}"))
-        probe = probe_zero_replicas(src, args)
-        vllm.zero_counts_safe = probe[0] is not False  # else the fuzz draws no count < 1 (it would fault)
-        results.append((f"replica count <= 0 vs {tag}", *probe))
+        probe_ok, probe_detail, faulted = probe_zero_replicas(src, args)
+        vllm.zero_counts_safe = not faulted  # else the fuzz draws no count < 1 (it would fault)
+        results.append((f"replica count <= 0 vs {tag}", probe_ok, probe_detail))
         checks = [("fuzz", check_fuzz)]
         if args.device == "cuda":
             checks.append(("CUDA graph", check_graph_replay))

@@ -43,13 +43,13 @@ def logical_weights(layer: int, w13_shape, w2_shape):
     return w13, w2
 
 
-def step_inputs(step: int):
+def step_inputs(step: int, hot_offset: int = 0):
     """One forward's tokens, the same on every rank; the hot experts move with the step
-    so that every rearrangement has a new load to balance."""
+    so that every rearrangement has a new load to balance (``hot_offset`` shifts them)."""
     generator = torch.Generator().manual_seed(step)
     hidden = torch.randn((NUM_TOKENS, HIDDEN), generator=generator, dtype=DTYPE)
     logits = torch.randn((NUM_LAYERS, NUM_TOKENS, NUM_LOGICAL), generator=generator, dtype=DTYPE)
-    hot = torch.tensor([(step // STEP_INTERVAL + k) % NUM_LOGICAL for k in range(2)])
+    hot = torch.tensor([(step // STEP_INTERVAL + k + hot_offset) % NUM_LOGICAL for k in range(2)])
     logits[..., hot] += 2.5
     return hidden, logits
 
@@ -190,13 +190,18 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
     model_on, model_off = build_model(config_on), build_model(config_off)
     ep_rank = model_on.layers[0].moe_config.moe_parallel_config.ep_rank
 
+    linear_map = torch.tensor(EplbState.build_initial_global_physical_to_logical_map(NUM_LOGICAL, NUM_REDUNDANT))
+    linear_map = linear_map.expand(NUM_LAYERS, -1).clone()
+    if options.get("weights_before_add_model"):  # as vLLM loads them: before add_model, in the linear order
+        fill_weights(model_on, linear_map, ep_rank)
     with set_current_vllm_config(config_on):
         state = EplbState(parallel, torch.device("cpu"))
         state.add_model(model_on, _ModelConfig())
     (model_state,) = state.model_states.values()
-    fill_weights(model_on, model_state.physical_to_logical_map, ep_rank)
+    if not options.get("weights_before_add_model"):
+        fill_weights(model_on, model_state.physical_to_logical_map, ep_rank)
     initial_map = model_state.physical_to_logical_map.clone()
-    fill_weights(model_off, initial_map, ep_rank)
+    fill_weights(model_off, linear_map, ep_rank)
     identity = torch.arange(NUM_LOGICAL).expand(NUM_LAYERS, -1).unsqueeze(-1)
     for layer, runner in enumerate(model_off.layers):  # stock vLLM, static initial placement
         runner.set_eplb_state(layer, torch.zeros((NUM_LAYERS, 12), dtype=torch.int32), identity,
@@ -212,7 +217,7 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
     for step in range(options.get("steps", STEPS)):
         lowering = "counts" if step % 2 == 0 else "topk"
         os.environ[MIN_TOKENS_ENV] = "0" if lowering == "counts" else str(10**9)
-        hidden, logits = step_inputs(step)
+        hidden, logits = step_inputs(step, options.get("hot_offset", 0))
         if step == options.get("remap_before_step"):
             # A map rewritten between steps, as elastic EP's and fault recovery's
             # are: vLLM's update_mapping, physical slots 0 and the last swapped.

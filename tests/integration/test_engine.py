@@ -163,3 +163,26 @@ def test_the_recording_reads_back_with_report(served):
     total = sum(sum(layer) for rank in result["ranks"] for _, load in rank["passes"] for layer in load)
     assert sum(map(sum, model["logical_load"])) == total
     assert model["num_physical"] == engine_run.NUM_EXPERTS + engine_run.NUM_REDUNDANT
+
+
+def test_serving_starts_on_a_placement_placed_from_the_recording(served, stock, tmp_path_factory):
+    """``eplb-compile place`` on the recording, then a server started on it with online rebalancing
+    off: every rank holds the placement's map and the weights of the experts it names from start-up
+    to the end, and generates stock vLLM's tokens."""
+    _, _, record_dir = served
+    path = tmp_path_factory.mktemp("placement") / "placement.json"
+    proc = subprocess.run([sys.executable, "-m", "eplb_compile", "place", record_dir, "-o", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(path.read_text())["models"][0]["physical_to_logical"]
+    linear = stock["start_up"][0]["maps"]
+    assert table != linear, "the placement is vLLM's start-up one: nothing would move"
+    result, _ = serve(tmp_path_factory, "placed", op=True, eager=False,
+                      eplb_compile={"initial_placement": str(path), "online_rebalancing": False})
+    by_logical = weights_by_logical(stock["start_up"])  # stock starts on vLLM's linear placement
+    for rank in result["start_up"] + result["ranks"]:
+        assert rank["maps"] == table
+        first = rank["ep_rank"] * rank["num_local"]
+        for layer, digests in enumerate(rank["digests"]):
+            assert digests == [by_logical[layer][table[layer][first + slot]] for slot in range(rank["num_local"])]
+    assert result["tokens"] == stock["tokens"]

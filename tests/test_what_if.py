@@ -1,0 +1,100 @@
+"""``eplb-compile report --what-if``: predicted imbalance and switching cost, without vLLM."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_compile.cli import main
+from eplb_compile.what_if import transfers
+from tests.test_place import exit_status, record
+
+
+def test_transfers_one_per_rank_and_expert():
+    # r0 [0, 1] -> [0, 3]: receives 3 from r1; r1 [2, 3] -> [2, 1]: receives 1 from r0.
+    assert transfers(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 3, 2, 1]), 2) == ([1, 1], [1, 1])
+    # Three ranks of two slots: r0 [0, 1] -> [3, 3] gets 3 once (the second slot is a local copy);
+    # r1 [2, 3] -> [0, 1] gets 0 and 1, each from its first holder r0 (r2 holds them too);
+    # r2 [0, 1] -> [2, 2] gets 2 from r1.
+    old, new = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([3, 3, 0, 1, 2, 2])
+    assert transfers(old, new, 3) == ([1, 2, 1], [2, 2, 0])
+    assert transfers(old, old, 3) == ([0, 0, 0], [0, 0, 0])
+
+
+def test_transfers_follow_vllms_senders_and_receivers():
+    execute = pytest.importorskip("vllm.distributed.eplb.rebalance_execute")
+    generator = np.random.default_rng(0)
+    for _ in range(200):
+        ep_size, per_rank, logical = generator.integers(1, 5), generator.integers(1, 4), 0
+        physical = int(ep_size * per_rank)
+        logical = int(generator.integers(1, physical + 1))
+        old = np.concatenate([np.arange(logical), generator.integers(0, logical, physical - logical)])
+        new = np.concatenate([np.arange(logical), generator.integers(0, logical, physical - logical)])
+        generator.shuffle(old), generator.shuffle(new)
+        send_map, recv_map = execute.get_ep_ranks_with_experts_batch(np.unique(new), int(per_rank), old, new)
+        received, sent = [0] * int(ep_size), [0] * int(ep_size)
+        for expert, takers in recv_map.items():  # vLLM's receive side: one source per receiving rank
+            holders = send_map[expert]
+            if not holders or not takers:
+                continue
+            each = len(takers) // len(holders)
+            for position, rank in enumerate(takers):
+                start = len(holders) * each
+                source = holders[position // each] if position < start else holders[position - start]
+                received[rank] += 1
+                sent[source] += 1
+        assert transfers(torch.from_numpy(old), torch.from_numpy(new), int(ep_size)) == (received, sent)
+
+
+def test_report_what_if_text_and_json(tmp_path, capsys):
+    # Linear map, loads [100, 90, 10, 0] twice: r0 carries 380 of 400 (95%), max/mean 1.9; the computed
+    # placement [0, 3, 2, 1] predicts 1.0 and moves expert 3 to r0 and expert 1 to r1.
+    record(tmp_path / "rec", {0: [100, 90, 10, 0], 1: [100, 90, 10, 0]}, {-1: [0, 1, 2, 3]})
+    assert main(["report", str(tmp_path / "rec"), "--what-if", "--expert-bytes", "2048"]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.0.mlp.experts" in text
+    rows = [line.split() for line in text.splitlines() if "%" in line]
+    line = next(row for row in rows if row[0] == "model.layers.0.mlp.experts")
+    assert line[1:] == ["r0", "95.0%", "1.900", "1.000"]
+    assert "2 slots change in 1 layers" in text and "r0: receives 1 experts, sends 1 (2.0 KiB in, 2.0 KiB out)" in text
+
+    assert main(["report", str(tmp_path / "rec"), "--what-if", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["what_if"]
+    layer = result["models"][0]["layers"][0]
+    assert layer["hottest_rank"] == 0 and layer["hottest_share"] == pytest.approx(0.95)
+    assert layer["recorded"] == pytest.approx(1.9) and layer["computed"] == pytest.approx(1.0)
+    switch = result["models"][0]["switch"]["computed"]
+    assert switch["experts_received"] == [1, 1] and switch["experts_sent"] == [1, 1]
+    assert "bytes_received" not in switch  # no size given, none recorded
+
+
+def test_report_what_if_with_a_given_placement(tmp_path, capsys):
+    record(tmp_path / "rec", {0: [100, 90, 10, 0]}, {-1: [0, 1, 2, 3]})
+    given = tmp_path / "given.json"
+    assert main(["place", str(tmp_path / "rec"), "-o", str(given), "--num-redundant", "2"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "rec"), "--what-if", str(given), "--json"]) == 0
+    model = json.loads(capsys.readouterr().out)["what_if"]["models"][0]
+    assert model["layers"][0]["given"] == pytest.approx(1.05)  # see test_place's redundant case
+    assert model["switch"]["given"] == {"comparable": False,
+                                        "reason": "the map in force has 4 slots, the placement 6"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--expert-bytes", "8"], "argument --expert-bytes: needs --what-if"),
+    (["--what-if", "--expert-bytes", "0"], "argument --expert-bytes: must be an integer >= 1, got 0"),
+    (["--what-if", "MISSING"], "cannot read"),
+    (["--what-if", "OTHER"], "has 2 layers of 4 experts, the recording 1 of 4"),
+])
+def test_bad_what_if_options_are_one_line(tmp_path, capsys, argv, message):
+    record(tmp_path / "rec", {0: [100, 90, 10, 0]}, {-1: [0, 1, 2, 3]})
+    record(tmp_path / "other", {0: [100, 90, 10, 0]}, {-1: [0, 1, 2, 3]}, layers=2)
+    assert main(["place", str(tmp_path / "other"), "-o", str(tmp_path / "other.json")]) == 0
+    capsys.readouterr()
+    argv = [{"MISSING": str(tmp_path / "missing.json"), "OTHER": str(tmp_path / "other.json")}.get(a, a) for a in argv]
+    assert exit_status(["report", str(tmp_path / "rec"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
