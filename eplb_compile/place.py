@@ -18,7 +18,7 @@ import os
 import sys
 
 from eplb_compile import placement_formats
-from eplb_compile.cli import _int_at_least
+from eplb_compile.cli import bounded_int
 from eplb_compile.placement import PlacementError, StepRange, compute_placement, to_json
 from eplb_compile.recording import RecordingError, read_recording
 
@@ -28,12 +28,12 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="PLACEMENT", help="the placement file to write (JSON)")
     parser.add_argument("--steps", default=":", metavar="A:B",
                         help="recorded steps s with A <= s < B to balance for (default all; A or B may be left out)")
-    parser.add_argument("--ep-size", type=_int_at_least(1), help="EP size to place for (default: the recording's)")
-    parser.add_argument("--num-redundant", type=_int_at_least(0),
+    parser.add_argument("--ep-size", type=bounded_int(1, 1024), help="EP size to place for (default: the recording's)")
+    parser.add_argument("--num-redundant", type=bounded_int(0, 65536),
                         help="redundant experts per layer (default: the recording's)")
-    parser.add_argument("--num-groups", type=_int_at_least(1), default=1,
+    parser.add_argument("--num-groups", type=bounded_int(1, 65536), default=1,
                         help="expert groups, as the model's num_expert_groups (default 1: global balancing)")
-    parser.add_argument("--num-nodes", type=_int_at_least(1), default=1,
+    parser.add_argument("--num-nodes", type=bounded_int(1, 4096), default=1,
                         help="nodes the EP ranks span (default 1); >1 balances groups over nodes first, as vLLM does")
     parser.add_argument("--sglang", metavar="FILE.json", help="also write SGLang's --init-expert-location file")
     parser.add_argument("--initial-mapping", metavar="FILE.jsonl",

