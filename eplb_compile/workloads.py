@@ -119,12 +119,7 @@ def eplb_placement(
         slots: columns of the map (default: the most replicas of any expert);
             columns past an expert's replicas hold -1.
     """
-    _check_int("num_logical", num_logical, 1)
-    _check_int("num_redundant", num_redundant, 0)
-    _check_int("ep_size", ep_size, 1)
-    num_physical = num_logical + num_redundant
-    if num_physical % ep_size:
-        raise ValueError(f"{num_physical} physical experts do not split over ep_size={ep_size} ranks")
+    num_physical = _num_physical(num_logical, num_redundant, ep_size)
     if load is None:
         load = torch.rand(num_logical, generator=generator, dtype=torch.float64)
     load = load.detach().to("cpu", torch.float64)
@@ -156,14 +151,20 @@ def eplb_placement(
     return Placement(l2p, replicas, p2l, num_physical, num_local)
 
 
-def linear_placement(num_logical: int, num_redundant: int, ep_size: int) -> Placement:
-    """vLLM's default placement before any rearrangement: slot s holds expert ``s % num_logical``."""
+def _num_physical(num_logical: int, num_redundant: int, ep_size: int) -> int:
+    """The physical expert count, after checking the shape splits over the EP ranks."""
     _check_int("num_logical", num_logical, 1)
     _check_int("num_redundant", num_redundant, 0)
     _check_int("ep_size", ep_size, 1)
     num_physical = num_logical + num_redundant
     if num_physical % ep_size:
         raise ValueError(f"{num_physical} physical experts do not split over ep_size={ep_size} ranks")
+    return num_physical
+
+
+def linear_placement(num_logical: int, num_redundant: int, ep_size: int) -> Placement:
+    """vLLM's default placement before any rearrangement: slot s holds expert ``s % num_logical``."""
+    num_physical = _num_physical(num_logical, num_redundant, ep_size)
     p2l = torch.arange(num_physical) % num_logical
     replicas = torch.bincount(p2l, minlength=num_logical)
     l2p = torch.full((num_logical, int(replicas.max())), -1, dtype=torch.int64)
