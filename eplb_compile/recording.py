@@ -34,7 +34,7 @@ tensor, so flipped bytes are found, not read as load.
 
 ``read_recording`` reads a folder around damaged or missing chunks and states
 each loss (which rank, which chunk, which steps and maps) in
-``Recording.damage``. This module is longer than most (~390 lines) because
+``Recording.damage``. This module is longer than most (about 420 lines) because
 the writer and that reader must change together.
 """
 
