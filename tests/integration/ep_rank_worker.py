@@ -40,6 +40,10 @@ def main(rank: int, port: int) -> None:
         parallel_config=ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True),
     )
     l2p, replicas = t.replicated_placement()
+    # vLLM's CPU build names its shared-memory group after this (device_communicators/
+    # cpu_communicator.py:238); its CPU worker sets it from the init method's port
+    # (v1/worker/cpu_worker.py:148-152), which this worker stands in for.
+    os.environ.setdefault("VLLM_DIST_IDENT", str(port))
     with set_current_vllm_config(config):
         init_distributed_environment(
             world_size=2, rank=rank, local_rank=rank, backend="gloo",

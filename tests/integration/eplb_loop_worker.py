@@ -183,6 +183,10 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
         for custom_ops, additional_config in [(t.ON, options.get("additional_config", {})), (t.OFF, {})]
     )
     parallel = config_on.parallel_config
+    # vLLM's CPU build names its shared-memory group after this (device_communicators/
+    # cpu_communicator.py:238); its CPU worker sets it from the init method's port
+    # (v1/worker/cpu_worker.py:148-152), which this worker stands in for.
+    os.environ.setdefault("VLLM_DIST_IDENT", str(port))
     with set_current_vllm_config(config_on):
         init_distributed_environment(world_size=2, rank=rank, local_rank=rank, backend="gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{port}")
