@@ -184,9 +184,11 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
     )
     parallel = config_on.parallel_config
     # vLLM's CPU build names its shared-memory group after this (device_communicators/
-    # cpu_communicator.py:238); its CPU worker sets it from the init method's port
-    # (v1/worker/cpu_worker.py:148-152), which this worker stands in for.
-    os.environ.setdefault("VLLM_DIST_IDENT", str(port))
+    # cpu_communicator.py:238; its CPU worker sets it, v1/worker/cpu_worker.py:148-152).
+    # A name of each rank's own makes it all-reduce through torch.distributed (gloo),
+    # as it does when ranks do not share one (:34-50): its shared-memory all-reduce
+    # has no float64, which this test runs in.
+    os.environ.setdefault("VLLM_DIST_IDENT", f"eplb-test-{port}-rank{rank}")
     with set_current_vllm_config(config_on):
         init_distributed_environment(world_size=2, rank=rank, local_rank=rank, backend="gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{port}")
