@@ -400,7 +400,7 @@ def _rank_damage(rank: int, chunks: dict[int, tuple[dict, dict]], unreadable: di
         lines.append(f"rank {rank}: no closing chunk (the recorder was killed, or is still running): steps after "
                      f"{max(recorded) if recorded else 'the start'} are not in the recording of rank {rank}")
     counters = chunks[max(chunks)][0].get("counters", {})
-    if any(counters.values()):
+    if any(counters.get(key) for key in ("dropped_ring_full", "dropped_write_error", "write_errors")):
         lines.append(f"rank {rank} dropped {counters.get('dropped_ring_full', 0)} recorded steps because its ring was "
                      f"full and {counters.get('dropped_write_error', 0)} in {counters.get('write_errors', 0)} failed "
                      f"flushes (as of its last readable chunk)")

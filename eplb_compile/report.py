@@ -137,6 +137,10 @@ def format_text(summary: dict) -> str:
     if summary.get("damage"):
         lines.append("  damaged recording: what follows is read around these losses:")
         lines += [f"    {line}" for line in summary["damage"]]
+    for rank, counters in summary.get("dropped", {}).items():
+        if counters.get("paused_steps"):  # an operator's choice, not damage
+            lines.append(f"  rank {rank}: {_count(counters['paused_steps'], 'recorded step')} not written while "
+                         f"record_dir/PAUSE existed (as of its last readable chunk)")
     first, last = summary.get("step_range", [None, None])
     if (first, last) != (None, None):
         lines.append(f"  steps {'' if first is None else first}:{'' if last is None else last} only "

@@ -179,7 +179,8 @@ def test_a_full_disk_loses_flushes_visibly_and_counts_them(small_disk, capsys, c
     for step in range(12):
         rank1.on_pass(0, step, passes[step])
     rank1.close()
-    assert rank0.counters == {"dropped_ring_full": 0, "dropped_write_error": 7, "write_errors": 7}
+    assert rank0.counters == {"dropped_ring_full": 0, "dropped_write_error": 7, "write_errors": 7,
+                              "paused_steps": 0}
     assert len([r for r in caplog.records if "cannot write to" in r.getMessage()]) == 1
     written = sorted(int(p.name[6:12]) for p in (record_dir / "rank0").iterdir())
     assert written == [0, *range(8, 13)]  # chunks 1-7 failed: a gap in the flush sequence

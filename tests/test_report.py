@@ -238,3 +238,29 @@ def test_plots_stop_their_lines_at_unrecorded_steps():
     xs, ys = with_gaps([3, 4, 9, 10, 11, 20], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     assert [x if not math.isnan(x) else None for x in xs] == [3, 4, None, 9, 10, 11, None, 20]
     assert [y if not math.isnan(y) else None for y in ys] == [1.0, 2.0, None, 3.0, 4.0, 5.0, None, 6.0]
+
+
+def test_a_pause_file_stops_writing_passes_and_the_report_says_so(tmp_path, capsys, caplog):
+    passes = {}
+    with caplog.at_level(logging.INFO, logger="eplb_compile.vllm_plugin.recorder"):
+        for rank in range(EP_SIZE):
+            recorder = make_recorder(tmp_path, rank)
+            recorder.on_map(0, -1, torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]).expand(LAYERS, -1).clone())
+            for step in range(6):
+                (tmp_path / "PAUSE").touch() if step == 2 else None
+                (tmp_path / "PAUSE").unlink() if step == 4 else None
+                passes[rank, step] = torch.full((LAYERS, PHYSICAL), step + 1, dtype=torch.int32)
+                recorder.on_pass(0, step, passes[rank, step])
+                recorder.wait_idle()  # the writer thread looks for the file when it takes the pass
+            recorder.close()
+            assert recorder.counters["paused_steps"] == 2 and recorder.dropped == 0
+    switches = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert switches == ["eplb_compile recorder: rank 0 paused recording", "eplb_compile recorder: rank 0 resumed recording",
+                        "eplb_compile recorder: rank 1 paused recording", "eplb_compile recorder: rank 1 resumed recording"]
+    read = recording.read_recording(str(tmp_path))
+    (_, steps), = read.models
+    assert list(steps.steps) == [0, 1, 4, 5]
+    assert not read.damage  # a pause is not a loss
+    assert run_report(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "rank 0: 2 recorded steps not written while record_dir/PAUSE existed" in out

@@ -15,11 +15,21 @@ force before it and numbered by a flush sequence that also counts failed
 flushes. A full disk or an unwritable folder drops the recording with one
 warning and counts it (``counters``: in every later chunk and in the
 metrics); nothing here ever raises into the server.
+
+Recording can be paused while serving: while a file named ``PAUSE`` exists
+in ``record_dir``, recorded passes are not written (counted as
+``paused_steps``), maps still are, and the exporter is still fed. A file,
+because vLLM's API reaches a running server's workers only through
+``POST /collective_rpc``, which exists only with ``VLLM_SERVER_DEV_MODE=1``
+(not for production). The writer thread looks for it at each pass, so each
+rank pauses at its own step: around a switch, a few steps may be written by
+some ranks only, and the report leaves them out and says so.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,8 +39,9 @@ import torch
 from eplb_compile import recording
 from eplb_compile.recording import ModelInfo, ModelSteps
 
-__all__ = ["ModelInfo", "Recorder"]
+__all__ = ["PAUSE_FILE", "ModelInfo", "Recorder"]
 _POLL_S = 50e-6
+PAUSE_FILE = "PAUSE"  # in record_dir: while it exists, passes are not written
 
 
 class _Slot:
@@ -56,7 +67,8 @@ class Recorder:
         self.map_versions: list = []  # per model, the version of its map last recorded (the step hook's)
         self.step_number = 0  # EPLB steps seen, counted by the step hook
         # Steps lost, by reason, and failed flushes; the exporter reads them, the files carry them.
-        self.counters = {"dropped_ring_full": 0, "dropped_write_error": 0, "write_errors": 0}
+        self.counters = {"dropped_ring_full": 0, "dropped_write_error": 0, "write_errors": 0, "paused_steps": 0}
+        self._paused = False
         self._logger = logger or logging.getLogger(__name__)
         self._warned: set[str] = set()
         self._rings: list[tuple[torch.Tensor, torch.Tensor, queue.SimpleQueue]] = []
@@ -168,12 +180,15 @@ class Recorder:
             if self.exporter is not None:
                 self.exporter.on_map(slot.model, data)
             return
-        pending["steps"].append(slot.step)
-        pending["load"].append(data)
         if self.exporter is not None:
             if rank_load is None:  # this rank's pass is the EP-global one
                 rank_load = data.reshape(data.shape[0], self.ep_size, -1).sum(dim=-1, dtype=torch.int64)
             self.exporter.on_pass(slot.model, data, rank_load)
+        if self._pause_switch():
+            self.counters["paused_steps"] += 1
+            return
+        pending["steps"].append(slot.step)
+        pending["load"].append(data)
         self._recorded_since_flush += 1
         if self._recorded_since_flush >= self.flush_every_steps:
             self._flush()
@@ -201,6 +216,16 @@ class Recorder:
             self._warn_once("write", "eplb_compile recorder: cannot write to %s (%s); recordings are dropped "
                             "until it can (this warning is not repeated)", self.record_dir, error)
         self._clear()
+
+    def _pause_switch(self) -> bool:
+        """Whether ``record_dir/PAUSE`` exists now; says each switch once in the log."""
+        paused = self.record_dir is not None and os.path.exists(os.path.join(self.record_dir, PAUSE_FILE))
+        if paused != self._paused:
+            self._paused = paused
+            self._logger.info("eplb_compile recorder: rank %d %s recording (%s %s)", self.ep_rank,
+                              "paused" if paused else "resumed", os.path.join(self.record_dir, PAUSE_FILE),
+                              "exists" if paused else "removed")
+        return paused
 
     def _clear(self) -> None:
         self._chunk_map_in_force = list(self._map_in_force)
