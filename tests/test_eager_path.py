@@ -99,6 +99,7 @@ def test_launcher_on_spellings(monkeypatch, value):
 @pytest.mark.parametrize("value", ["2", "disable", "", "nope"])
 def test_other_launcher_spellings_are_refused_in_one_line(monkeypatch, value):
     monkeypatch.setenv(eager_extension.ENV, value)
+    monkeypatch.setattr(eager_extension, "_thread", None)  # as in a fresh process (a GPU run has started it)
     with pytest.raises(ValueError, match=eager_extension.ENV) as error:
         eager_extension.enabled()
     assert "\n" not in str(error.value) and repr(value) in str(error.value)

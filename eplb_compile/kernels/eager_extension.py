@@ -26,10 +26,13 @@ time from the Python definitions: there is one source of each.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
+import sys
 import threading
+import time
 import warnings
 from importlib import resources
 from types import ModuleType
@@ -111,11 +114,32 @@ def build() -> ModuleType:
     flags = [f"-D{name}={value}" for name, value in sorted(build_macros().items())]
     # The name carries the source, the constants and torch's build: a cached
     # module built against another torch or other constants is never loaded.
-    fingerprint = "\0".join([text, *flags, torch.__version__, str(torch.version.git_version)])
-    tag = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    fingerprint = "\0".join([text, *flags, torch.__version__, str(torch.version.git_version), sys.version])
+    name = f"eplb_compile_eager_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
+    folder = os.path.join(cpp_extension.get_default_build_root(), name)
+    os.makedirs(folder, exist_ok=True)
+    _remove_stale_lock(os.path.join(folder, "lock"))
     with resources.as_file(source) as path:
-        return cpp_extension.load(name=f"eplb_compile_eager_{tag}", sources=[str(path)],
-                                  extra_cflags=["-O2", *flags], verbose=False)
+        return cpp_extension.load(name=name, sources=[str(path)], extra_cflags=["-O2", *flags],
+                                  build_directory=folder, verbose=False)
+
+
+STALE_LOCK_S = 600  # a build takes about 20 s; a lock this old was left by a killed build
+
+
+def _remove_stale_lock(lock: str) -> None:
+    """torch's build lock (``torch/utils/file_baton.py``: ``FileBaton.wait`` polls for as
+    long as the file ``lock`` exists in the build folder) outlives a build killed mid-way,
+    and every later build then waits forever. Builds in progress are far younger."""
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"eplb_compile: removing {lock}, left {age:.0f} s ago by a build that did not finish",
+                      stacklevel=2)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
 
 
 def _build_and_install() -> None:
@@ -144,11 +168,12 @@ def start() -> None:
             _thread.start()
 
 
-def wait() -> ModuleType | None:
-    """Start the build if needed and wait for it: the module, or None (disabled or failed)."""
+def wait(timeout_s: float | None = 300.0) -> ModuleType | None:
+    """Start the build if needed and wait for it, at most ``timeout_s`` (None: for ever):
+    the module, or None (disabled, failed, or not built in time: ``state()`` says which)."""
     start()
     if _thread is not None:
-        _thread.join()
+        _thread.join(timeout_s)
     return _module
 
 

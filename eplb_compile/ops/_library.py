@@ -172,10 +172,11 @@ def _map_only_cpu(ids, l2p, rc, unpadded=None):
 
 def map_only_cuda(ids, l2p, rc, unpadded=None):
     if ids.dtype in NARROW_ID_DTYPES:
-        # The kernels store ids in the ids' dtype; int8 and int16 go through int32
-        # so that an id the dtype cannot hold comes back -1, never wrapped.
+        # The kernels store ids in the ids' dtype; int8 and int16 go through int64
+        # so that an id the dtype cannot hold comes back -1, never wrapped (through
+        # int32, a sparse map's entry 2**40 would wrap to 0 before the fit).
         MAP_ONLY.validate(ids, l2p, rc, unpadded)
-        return _torch_impl.fit_ids(map_only_cuda(ids.to(torch.int32), l2p, rc, unpadded), ids.dtype)
+        return _torch_impl.fit_ids(map_only_cuda(ids.to(torch.int64), l2p, rc, unpadded), ids.dtype)
     out = _CPP.map_ids(ids, l2p, rc, None, None, unpadded)
     return out if out is not None else map_only_python(ids, l2p, rc, unpadded)
 
@@ -200,8 +201,8 @@ def _map_only_traced(ids, l2p, rc, unpadded=None):
     if not on_cuda(ids):
         return _torch_impl.map_only(ids, l2p, rc, unpadded)
     triton_kernels = gpu_modules().triton_kernels
-    narrow = ids.dtype in NARROW_ID_DTYPES  # through int32, as map_only_cuda
-    wide = ids.to(torch.int32) if narrow else ids
+    narrow = ids.dtype in NARROW_ID_DTYPES  # through int64, as map_only_cuda
+    wide = ids.to(torch.int64) if narrow else ids
     out = torch.empty(wide.shape, dtype=wide.dtype, device=wide.device)
     triton_kernels.launch_map(KernelCall(wide, l2p, rc, out, num_unpadded=unpadded), traced=True)
     return _torch_impl.fit_ids(out, ids.dtype) if narrow else out
