@@ -39,11 +39,18 @@ def _pyplot():
 
 
 def imbalance_series(loads: dict[str, torch.Tensor], ep_size: int) -> dict[str, torch.Tensor]:
-    """Per-step, per-layer max/mean imbalance of ``[steps, layers, physical]`` loads."""
-    return {
-        name: torch.stack([imbalance_max_over_mean(step, ep_size) for step in per_step])
-        for name, per_step in loads.items()
-    }
+    """Per-step, per-layer max/mean imbalance of ``[steps, layers, physical]`` loads.
+
+    A layer with nothing recorded in a step (the record gate was off, or no
+    tokens came) is NaN, so its line stops there: the metric would call an
+    empty load balanced (1.0), which a plot would show as a perfect step.
+    """
+    series = {}
+    for name, per_step in loads.items():
+        values = torch.stack([imbalance_max_over_mean(step, ep_size) for step in per_step])
+        empty = per_step.sum(dim=-1) == 0  # [steps, layers]
+        series[name] = values.masked_fill(empty, float("nan"))
+    return series
 
 
 def plot_imbalance_over_steps(

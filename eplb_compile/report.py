@@ -256,4 +256,9 @@ def report_command(args: argparse.Namespace) -> int:
 
         for path in write_plots(summary, args.plot):
             print(f"wrote {path}", file=sys.stderr)
+        if "what_if" in summary:
+            from eplb_compile.report_plots import write_what_if_plots
+
+            for path in write_what_if_plots(summary["what_if"], args.plot):
+                print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -5,6 +5,12 @@ hottest EP rank and its share of the layer's load, max/mean over ranks as
 recorded, as predicted under the placement ``eplb-compile place`` computes
 (:mod:`eplb_compile.placement`), and under a given placement file. Predicted
 loads split each logical expert's recorded load evenly over its replicas.
+vLLM instead picks a token's replica from its position in the forward's batch
+(:mod:`eplb_compile.reference`), which a recording does not keep. The even
+split is each replica's average share when many tokens per forward route
+independently of their position; with few tokens per forward the split is
+uneven (a one-token forward always takes the first replica) and the measured
+max/mean comes out above the predicted one.
 
 And what switching costs, from the map in force at the end of the recording:
 per rank, the experts it would receive and send, counted the way vLLM's

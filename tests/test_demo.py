@@ -1,10 +1,12 @@
 """The CLI's main job: both lowerings agree with the reference, compiled."""
 
+import numpy as np
 import pytest
 import torch
 
 from eplb_compile.cli import main
 from eplb_compile.demo import DemoConfig, Lowering, format_report, lowering_mismatches, run_demo
+from eplb_compile.metrics import imbalance_max_over_mean
 
 
 def test_compiled_demo_lowerings_agree_with_reference():
@@ -41,6 +43,26 @@ def test_cli_demo_eager_with_plot_and_window(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.load(window).shape == (3, 4, 20)
     assert main(["plot", str(window), "--ep-size", "4", "--output", str(tmp_path / "heat.png")]) == 0
+
+
+def test_demo_plot_draws_gate_off_steps_as_gaps(tmp_path, capsys, monkeypatch):
+    # The gate is off in step 3 of 5: nothing is recorded, so the plot has no point there (NaN breaks
+    # the line), where max/mean of an empty load would read 1.00, a perfectly balanced step.
+    plt = pytest.importorskip("matplotlib.pyplot")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read what it draws
+    assert main(["demo", "--eager", "--steps", "5", "--tokens-per-rank", "32", "--plot", str(tmp_path / "i.png"),
+                 "--save-window", str(tmp_path / "window.pt")]) == 0, capsys.readouterr().out
+    loads = torch.load(tmp_path / "window.pt")
+    assert loads[3].sum() == 0 and all(loads[s].sum(dim=-1).min() > 0 for s in (0, 1, 2, 4))
+    recorded = [0, 1, 2, 4]
+    per_layer = torch.stack([imbalance_max_over_mean(loads[s], 4) for s in recorded]).T.numpy()  # [layers, steps]
+    lines = figures[0].axes[0].lines
+    assert len(lines) == 2 * 4  # two lowerings x four layers
+    for line in lines:
+        xs, ys = list(line.get_xdata()), np.asarray(line.get_ydata(), dtype=float)
+        assert xs == [0, 1, 2, 3, 4] and np.isnan(ys[3])
+        assert any(np.allclose(ys[recorded], layer) for layer in per_layer)
 
 
 @pytest.mark.parametrize(

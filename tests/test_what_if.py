@@ -98,3 +98,72 @@ def test_bad_what_if_options_are_one_line(tmp_path, capsys, argv, message):
     assert exit_status(["report", str(tmp_path / "rec"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_report_what_if_plot_is_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    record(tmp_path / "rec", {0: [100, 90, 10, 0]}, {-1: [0, 1, 2, 3]})
+    assert main(["report", str(tmp_path / "rec"), "--plot", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "model0_what_if.png").exists()  # only with --what-if
+    assert main(["report", str(tmp_path / "rec"), "--what-if", "--plot", str(tmp_path / "png")]) == 0
+    assert f"wrote {tmp_path / 'png' / 'model0_what_if.png'}" in capsys.readouterr().err
+    assert (tmp_path / "png" / "model0_what_if.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bars(axes) -> dict[str, list[float]]:
+    """Bar heights by the key their label starts with (``recorded``, ``computed: sent``, ...)."""
+    return {bars.get_label().split(": predicted")[0]: [bar.get_height() for bar in bars] for bars in axes.containers}
+
+
+def test_what_if_figure_draws_the_summary(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from eplb_compile.report_plots import what_if_figure
+
+    # r0 holds expert 0 three times, r1 experts 1-3: loads [100, 0, 50, 0, 0, 0] are 150 for expert 0, all on
+    # r0 (max/mean 2.0). `place` computes [0, 0, 2 | 1, 0, 3]: 50 per replica of expert 0, r0 100 and r1 50
+    # (4/3), one expert moving each way. The given placement [0, 1, 2 | 3, 3, 3] keeps 150 on r0 (2.0) and
+    # moves experts 1 and 2 from r1 to r0, nothing back: per layer received [2, 0], sent [0, 2].
+    record(tmp_path / "rec", {0: [100, 0, 50, 0, 0, 0]}, {-1: [0, 0, 0, 1, 2, 3]}, layers=2)
+    assert main(["place", str(tmp_path / "rec"), "-o", str(tmp_path / "given.json")]) == 0
+    given = json.loads((tmp_path / "given.json").read_text())
+    given["models"][0]["physical_to_logical"] = [[0, 1, 2, 3, 3, 3]] * 2
+    (tmp_path / "given.json").write_text(json.dumps(given))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "rec"), "--what-if", str(tmp_path / "given.json"), "--json",
+                 "--expert-bytes", str(3 * 2**20)]) == 0
+    result = json.loads(capsys.readouterr().out)["what_if"]
+    model = result["models"][0]
+    figure = what_if_figure(result, model)
+    figure.canvas.draw()  # the bytes axis takes its limits from the experts axis when drawn
+    imbalance, cost = figure.axes[:2]
+    layers = model["layers"]
+    assert _bars(imbalance) == {key: pytest.approx([layer[key] for layer in layers])
+                                for key in ("recorded", "computed", "given")}
+    assert _bars(imbalance) == {"recorded": pytest.approx([2.0, 2.0]), "computed": pytest.approx([4 / 3, 4 / 3]),
+                                "given": pytest.approx([2.0, 2.0])}
+    assert [label.get_text() for label in imbalance.get_xticklabels()] == ["model.layers.0.mlp.experts",
+                                                                         "model.layers.1.mlp.experts"]
+    switch = model["switch"]
+    assert _bars(cost) == {f"{key}: {direction}": switch[key][f"experts_{direction}"]
+                           for key in ("computed", "given") for direction in ("received", "sent")}
+    assert _bars(cost) == {"computed: received": [2, 2], "computed: sent": [2, 2],  # two layers
+                           "given: received": [4, 0], "given: sent": [0, 4]}
+    mib = cost.child_axes[0]  # the bytes axis: 3 MiB an expert
+    assert mib.get_ylabel() == "MiB" and mib.get_ylim() == pytest.approx(tuple(3 * v for v in cost.get_ylim()))
+
+
+def test_what_if_figure_says_when_a_switch_is_not_comparable(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from eplb_compile.report_plots import what_if_figure
+
+    record(tmp_path / "rec", {0: [100, 90, 10, 0]}, {-1: [0, 1, 2, 3]})
+    assert main(["place", str(tmp_path / "rec"), "-o", str(tmp_path / "given.json"), "--num-redundant", "2"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "rec"), "--what-if", str(tmp_path / "given.json"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["what_if"]
+    imbalance, cost = what_if_figure(result, result["models"][0]).axes[:2]
+    assert _bars(imbalance)["given"] == pytest.approx([1.05])
+    assert set(_bars(cost)) == {"computed: received", "computed: sent"}
+    assert [text.get_text() for text in cost.texts] == [
+        "given: not comparable (the map in force has 4 slots, the placement 6)"]
+    assert not cost.child_axes  # no size given, none recorded: no bytes axis
