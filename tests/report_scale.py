@@ -9,7 +9,9 @@ about 534 MB), then runs ``python -m eplb_compile report DIR`` and
 ``report DIR --json`` in a subprocess each, and prints each one's wall time,
 peak RSS (``os.wait4``'s ``ru_maxrss`` of that child alone) and output size.
 The files are read from the page cache (they were just written), as a report
-run right after a recording would.
+run right after a recording would. The recording is written by a subprocess
+too: a child's ``ru_maxrss`` includes its parent's peak at the fork, so the
+measuring process stays small (no torch, no loads).
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-
-from eplb_compile.recording import START_UP_STEP, ModelInfo, ModelSteps, chunk_tensors, make_header, write_chunk
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's eplb_compile, not an installed one
 EP_SIZE, STEPS, FLUSH_EVERY = 8, 1000, 100
 LAYERS, LOGICAL, PHYSICAL = 58, 256, 288
 REARRANGE_AT = (300, 600, 900)
 VERSIONS = {"vllm_version": "0.33.0", "eplb_compile_version": "report_scale"}
 
 
-def _maps(rng: np.random.Generator) -> dict[int, np.ndarray]:
+def _maps(rng) -> dict:
     """The start-up map (vLLM's linear one) and one EPLB-like map per rearrangement, by commit step."""
+    import numpy as np
+
+    from eplb_compile.recording import START_UP_STEP
+
     linear = np.tile(np.arange(PHYSICAL) % LOGICAL, (LAYERS, 1))
     maps = {START_UP_STEP: linear}
     for step in REARRANGE_AT:
@@ -44,7 +47,12 @@ def _maps(rng: np.random.Generator) -> dict[int, np.ndarray]:
 
 
 def write_recording(folder: str, seed: int = 0) -> int:
-    """Every rank's chunks under ``folder``; the bytes written."""
+    """Every rank's chunks under ``folder``, with the recorder's writer and torch tensors; the bytes written."""
+    import numpy as np
+    import torch
+
+    from eplb_compile.recording import START_UP_STEP, ModelInfo, ModelSteps, chunk_tensors, make_header, write_chunk
+
     rng = np.random.default_rng(seed)
     info = ModelInfo("deepseek_v3", [f"model.layers.{3 + i}.mlp.experts" for i in range(LAYERS)], LOGICAL, PHYSICAL,
                      STEPS)
@@ -68,11 +76,11 @@ def write_recording(folder: str, seed: int = 0) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
-def measure(argv: list[str]) -> dict:
+def measure(argv: list[str], cwd: str) -> dict:
     """One subprocess: wall seconds, its own peak RSS in MB, its stdout's lines and bytes, its exit status."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=out, stderr=err)
+        child = subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd)  # `-m` imports cwd's eplb_compile
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the maximum over all children
         wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -87,18 +95,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", metavar="DIR", help="write the recording into DIR (new or empty) and keep it")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each command (default 2)")
+    parser.add_argument("--repo", default=ROOT, help="the checkout whose eplb_compile is measured (default: this one)")
+    parser.add_argument("--write-only", metavar="DIR", help=argparse.SUPPRESS)  # the writing subprocess
     args = parser.parse_args()
+    if args.write_only:
+        print(write_recording(args.write_only))
+        return 0
     folder = args.keep or tempfile.mkdtemp(prefix="eplb-report-scale-")
     start = time.perf_counter()
-    size = write_recording(folder)
+    size = int(subprocess.run([sys.executable, __file__, "--write-only", folder], check=True, capture_output=True,
+                              text=True).stdout)
     print(f"wrote {EP_SIZE} ranks x {STEPS} steps ({LAYERS} layers, {LOGICAL} logical / {PHYSICAL} physical experts): "
           f"{size / 1e6:.0f} MB in {time.perf_counter() - start:.1f} s into {folder}")
-    print(f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}")
+    print(f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}; eplb_compile from {args.repo}")
     failed = False
     for extra in ([], ["--json"]):
         command = [sys.executable, "-m", "eplb_compile", "report", folder, *extra]
         for _ in range(args.repeat):
-            result = measure(command)
+            result = measure(command, args.repo)
             failed |= result["rc"] != 0
             print(f"report {' '.join(extra) or '(text)':<7} wall {result['wall_s']:5.2f} s  peak RSS "
                   f"{result['peak_rss_mb']:6.0f} MB  output {result['lines']} lines, {result['bytes'] / 1e3:.0f} kB"
