@@ -162,14 +162,10 @@ class Recording:
     dropped: dict[int, dict[str, int]] = field(default_factory=dict)  # per rank: its last readable chunk's counters
 
 
-def read_chunk(file: str) -> tuple[dict, dict[str, np.ndarray]]:
+def read_chunk(file: str, *, with_loads: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """One file's header and tensors, checked; RecordingError if it is not a chunk of a known version,
-    DamagedChunk if it is one that cannot be used."""
-    return _read_chunk(file, with_loads=True)
-
-
-def _read_chunk(file: str, with_loads: bool) -> tuple[dict, dict[str, np.ndarray]]:
-    """``read_chunk``; without loads (``.load`` tensors), their dtype and shape are still checked."""
+    DamagedChunk if it is one that cannot be used. Without loads (the ``.load`` tensors, read by
+    ``read_load`` then), their dtype and shape are checked, their values are not."""
     from safetensors import safe_open
 
     try:
@@ -279,8 +275,8 @@ def _negative(name: str, load: np.ndarray) -> str | None:
     return f"{name} has negative counts" if load.size and int(load.min()) < 0 else None
 
 
-def _read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.ndarray, str | None]:
-    """One model's load of a chunk ``_read_chunk`` read without loads, and what is wrong with it (or None):
+def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.ndarray, str | None]:
+    """One model's load of a chunk ``read_chunk`` read without loads, and what is wrong with it (or None):
     the checks it was spared then (its checksum, no negative count). RecordingError if the file cannot be read."""
     from safetensors import safe_open
 

@@ -1,8 +1,8 @@
 """Reading a recording's folder: every rank's chunks, read around losses, summed over ranks.
 
 Part of the recording format of :mod:`eplb_compile.recording`, which owns the
-layout (this module reads files only through its ``_read_chunk``,
-``_read_load`` and ``concat_chunks``) and whose ``read_recording`` calls
+layout (this module reads files only through its ``read_chunk``,
+``read_load`` and ``concat_chunks``) and whose ``read_recording`` calls
 this one; a module of its own for length only.
 
 Two passes, numpy only: every chunk's header and small tensors first (steps,
@@ -24,8 +24,8 @@ import re
 
 import numpy as np
 
-from eplb_compile.recording import (CHUNK_GLOB, DamagedChunk, ModelSteps, Recording, RecordingError, _read_chunk,
-                                    _read_load, concat_chunks)
+from eplb_compile.recording import (CHUNK_GLOB, DamagedChunk, ModelSteps, Recording, RecordingError, concat_chunks,
+                                    read_chunk, read_load)
 
 _RANK_DIR = re.compile(r"rank(\d+)$")
 _CHUNK_FILE = re.compile(r"chunk-(\d+)\.safetensors$")
@@ -52,7 +52,7 @@ def read_recording(path: str) -> Recording:
             continue  # not a name the recorder writes
         rank, number = int(rank_match.group(1)), int(chunk_match.group(1))
         try:
-            header, tensors = _read_chunk(file, with_loads=False)
+            header, tensors = read_chunk(file, with_loads=False)
         except DamagedChunk as error:
             unreadable.setdefault(rank, {})[number] = str(error)
             continue
@@ -126,7 +126,7 @@ def _sum_loads(recording: Recording, chunks: dict, files: dict) -> dict[tuple[in
             file = files[rank][number]
             for model, ((_, summed), row_of) in enumerate(zip(recording.models, rows_of, strict=True)):
                 steps = tensors[f"model{model}.steps"].tolist()
-                load, problem = _read_load(file, header, model, (len(steps), *summed.load.shape[1:]))
+                load, problem = read_load(file, header, model, (len(steps), *summed.load.shape[1:]))
                 if problem:
                     failed[rank, number] = f"{file}: malformed chunk ({problem})"
                     break
