@@ -15,7 +15,7 @@ import sys
 import torch
 from tests.test_report import make_recording, run_report
 
-from eplb_compile import metrics, report
+from eplb_compile import metrics, report_text
 from eplb_compile.recording import ModelInfo
 from eplb_compile.vllm_plugin.recorder import Recorder
 
@@ -133,5 +133,5 @@ def test_a_small_recording_keeps_its_detail(tmp_path, capsys):
 
 
 def test_long_replica_lists_are_cut_in_the_text_only():
-    assert report._ids(list(range(8))) == str(list(range(8)))
-    assert report._ids(list(range(11))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 3 more]"
+    assert report_text._ids(list(range(8))) == str(list(range(8)))
+    assert report_text._ids(list(range(11))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 3 more]"
