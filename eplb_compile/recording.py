@@ -112,13 +112,13 @@ def chunk_tensors(models: list[ModelInfo], pending: list[ModelSteps],
     for model, (info, steps, in_force) in enumerate(zip(models, pending, maps_in_force, strict=True)):
         shape = (len(info.layer_names), info.num_physical)
         tensors[f"model{model}.steps"] = np.asarray(steps.steps, dtype=np.int64)
-        tensors[f"model{model}.load"] = np.ascontiguousarray(steps.load, dtype=np.int32)
+        tensors[f"model{model}.load"] = _host_array(steps.load, np.int32)
         tensors[f"model{model}.map_steps"] = np.asarray(steps.map_steps, dtype=np.int64)
-        tensors[f"model{model}.maps"] = np.ascontiguousarray(steps.maps, dtype=np.int64)
+        tensors[f"model{model}.maps"] = _host_array(steps.maps, np.int64)
         tensors[f"model{model}.map_in_force_step"] = np.asarray([] if in_force is None else [in_force[0]],
                                                                 dtype=np.int64)
         tensors[f"model{model}.map_in_force"] = (np.zeros((0, *shape), dtype=np.int64) if in_force is None else
-                                                 np.ascontiguousarray(in_force[1], dtype=np.int64).reshape(1, *shape))
+                                                 _host_array(in_force[1], np.int64).reshape(1, *shape))
     return tensors
 
 
@@ -143,9 +143,16 @@ def write_chunk(record_dir: str, header: dict, tensors: dict[str, np.ndarray]) -
     return final
 
 
+def _host_array(values, dtype=None) -> np.ndarray:
+    """A C-ordered numpy array from a numpy array or a host torch tensor (through its ``.numpy()``)."""
+    if not isinstance(values, np.ndarray):
+        values = values.numpy()
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
 def _crc32(tensor) -> int:
     """Of the tensor's bytes as stored (C order, little-endian); a torch tensor or numpy array."""
-    array = np.ascontiguousarray(tensor)
+    array = _host_array(tensor)
     return zlib.crc32(memoryview(array).cast("B")) if array.size else 0
 
 
