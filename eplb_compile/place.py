@@ -17,9 +17,7 @@ import json
 import os
 import sys
 
-from eplb_compile import placement_formats
 from eplb_compile.cli import bounded_int
-from eplb_compile.placement import PlacementError, StepRange, compute_placement, to_json
 from eplb_compile.recording import RecordingError, read_recording
 
 
@@ -70,6 +68,10 @@ def format_text(placement: dict) -> str:
 
 
 def place_command(args: argparse.Namespace) -> int:
+    # Here, not at the top: the CLI imports this module to build its parser, and the policy needs torch.
+    from eplb_compile import placement_formats
+    from eplb_compile.placement import PlacementError, StepRange, compute_placement, to_json
+
     for option, path in [("-o", args.output), ("--sglang", args.sglang), ("--initial-mapping", args.initial_mapping)]:
         problem = _unwritable(option, path)
         if problem:

@@ -74,6 +74,11 @@ class StepRange:
 # ----------------------------------------------------------------------- load and prediction
 
 
+def torch_steps(steps: ModelSteps) -> ModelSteps:
+    """A recording's model (numpy arrays, as :mod:`eplb_compile.recording` reads them) as tensors, sharing memory."""
+    return ModelSteps(steps.steps, torch.as_tensor(steps.load), steps.map_steps, torch.as_tensor(steps.maps))
+
+
 def map_before(steps: ModelSteps, step: int) -> torch.Tensor:
     """The map a pass recorded at ``step`` was routed by: the last one committed at an earlier step."""
     index = max(i for i, s in enumerate(steps.map_steps) if s < step)
@@ -119,6 +124,7 @@ def compute_placement(recording: Recording, step_range: StepRange = StepRange(),
     out = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "ep_size": ep_size, "num_groups": num_groups,
            "num_nodes": num_nodes, "policy": None, "recording": recording.path, "models": []}
     for info, steps in recording.models:
+        steps = torch_steps(steps)
         num_logical = info["num_logical"]
         redundant = info["num_physical"] - num_logical if num_redundant is None else num_redundant
         num_physical = num_logical + redundant

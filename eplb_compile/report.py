@@ -11,24 +11,28 @@ PNGs. A folder that is not a recording or of an unknown format version is a
 one-line error (exit status 2); lost, cut or malformed chunks are read
 around, and each loss (rank, chunk, steps, maps) is printed first.
 ``--what-if [PLACEMENT]`` adds :mod:`eplb_compile.what_if`'s part. Needs
-neither vLLM nor a GPU.
+neither vLLM nor a GPU, and without ``--what-if`` not torch either: the
+recording is read and measured with numpy, every step at once.
+
+The text (:mod:`eplb_compile.report_text`) summarises a large recording;
+``--json`` and ``--plot`` keep every step, layer and rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import sys
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from eplb_compile import metrics, what_if
 from eplb_compile.cli import bounded_int
-from eplb_compile.placement import PlacementError
 from eplb_compile.recording import Recording, RecordingError, read_recording
-
+from eplb_compile.report_text import format_text
 
 @dataclass
 class ModelRecording:
@@ -36,21 +40,21 @@ class ModelRecording:
 
     info: dict
     steps: list[int]
-    load: torch.Tensor  # [steps, layers, physical], summed over ranks
+    load: np.ndarray  # [steps, layers, physical], summed over ranks
     map_steps: list[int]
-    maps: torch.Tensor  # [maps, layers, physical]
+    maps: np.ndarray  # [maps, layers, physical]
 
-    def map_for(self, step: int) -> torch.Tensor:
-        """The map a pass recorded at ``step`` was routed by: the last one committed before it."""
-        index = max(i for i, s in enumerate(self.map_steps) if s < step)
-        return self.maps[index]
-
-    def logical(self) -> torch.Tensor:
-        """``[steps, layers, logical]``."""
-        if not self.steps:
-            return torch.zeros((0, len(self.info["layer_names"]), self.info["num_logical"]), dtype=torch.int64)
-        return torch.stack([metrics.logical_load(load, self.map_for(step), self.info["num_logical"])
-                            for step, load in zip(self.steps, self.load, strict=True)])
+    def logical(self) -> np.ndarray:
+        """``[layers, logical]``: every pass mapped with the map it was routed by (the last one committed
+        before its step), summed; one sum and one mapping per map, since the mapping is linear."""
+        routed_by = np.searchsorted(self.map_steps, self.steps, side="left") - 1  # >= 0: the reader leaves
+        # out the steps that no map it holds routed
+        total = np.zeros((len(self.info["layer_names"]), self.info["num_logical"]), dtype=np.int64)
+        for index in np.unique(routed_by):  # the steps are sorted: each map's passes are one run of rows
+            rows = np.flatnonzero(routed_by == index)
+            physical = self.load[rows[0]:rows[-1] + 1].sum(axis=0)
+            total += metrics.logical_load_per_pass(physical, self.maps[index], self.info["num_logical"])
+        return total
 
 
 # ----------------------------------------------------------------------- analysis
@@ -63,17 +67,16 @@ def summarize(recording: Recording, top: int = 3, steps: tuple[int | None, int |
     since a pass is routed by a map committed before the range.
     """
     first, last = steps
-    models = []
-    for info, s in recording.models:
-        keep = [row for row, step in enumerate(s.steps)
-                if (first is None or step >= first) and (last is None or step < last)]
-        models.append(ModelRecording(info, [s.steps[row] for row in keep], s.load[keep], s.map_steps, s.maps))
-    out = {"path": recording.path, "step_range": [first, last], "ep_size": recording.ep_size, "vllm_version": recording.header.get("vllm_version"),
+    out = {"path": recording.path, "step_range": [first, last], "ep_size": recording.ep_size,
+           "vllm_version": recording.header.get("vllm_version"),
            "eplb_compile_version": recording.header.get("eplb_compile_version"),
            "steps_missing_on_some_rank": recording.steps_missing_on_some_rank,
            "damage": recording.damage, "dropped": {str(rank): c for rank, c in recording.dropped.items()},
            "models": []}
-    for model in models:
+    for info, s in recording.models:
+        low = 0 if first is None else bisect.bisect_left(s.steps, first)
+        high = len(s.steps) if last is None else bisect.bisect_left(s.steps, last)
+        model = ModelRecording(info, s.steps[low:high], s.load[low:high], s.map_steps, s.maps)  # a view: no copy
         summary = _summarize_model(model, recording.ep_size, top)
         summary["rearrangements"] = [c for c in summary["rearrangements"]  # those committed in the range
                                      if (first is None or c["step"] >= first) and (last is None or c["step"] < last)]
@@ -82,24 +85,35 @@ def summarize(recording: Recording, top: int = 3, steps: tuple[int | None, int |
 
 
 def _summarize_model(model: ModelRecording, ep_size: int, top: int) -> dict:
-    steps = [{"step": step, "tokens": int(load.sum()), "balancedness": metrics.balancedness(load, ep_size),
-              "max_over_mean": metrics.imbalance_max_over_mean(load, ep_size).tolist(),
-              "trtllm": metrics.imbalance_trtllm(load, ep_size).tolist()}
-             for step, load in zip(model.steps, model.load, strict=True)]
-    logical = torch.zeros((len(model.info["layer_names"]), model.info["num_logical"]), dtype=torch.int64)
-    for step, load in zip(model.steps, model.load, strict=True):  # one step at a time: memory stays flat
-        logical += metrics.logical_load(load, model.map_for(step), model.info["num_logical"])
+    """The three metrics of every step at once, on the per-rank loads ``[steps, layers, ep_size]``."""
+    ranks = metrics.rank_loads_per_pass(model.load, ep_size)
+    balancedness = metrics.balancedness_per_pass(ranks, ep_size).tolist()
+    max_over_mean = metrics.max_over_mean_per_pass(ranks, ep_size).tolist()
+    trtllm = metrics.trtllm_per_pass(ranks, ep_size).tolist()
+    tokens = model.load.sum(axis=(1, 2)).tolist()
+    steps = [{"step": step, "tokens": tokens[row], "balancedness": balancedness[row],
+              "max_over_mean": max_over_mean[row], "trtllm": trtllm[row]} for row, step in enumerate(model.steps)]
+    logical = model.logical()
     hottest = []
-    for layer, row in enumerate(logical):
+    for row in logical:
         total = max(int(row.sum()), 1)
-        values, experts = row.topk(min(top, row.numel()))
-        hottest.append([{"expert": int(e), "tokens": int(v), "share": int(v) / total}
-                        for v, e in zip(values, experts, strict=True)])
+        experts = np.argsort(-row, kind="stable")[:min(top, row.size)]  # ties: the lower expert first
+        hottest.append([{"expert": int(e), "tokens": int(row[e]), "share": int(row[e]) / total} for e in experts])
     return {"name": model.info["name"], "layer_names": model.info["layer_names"],
             "window_size": model.info["window_size"],
             "num_logical": model.info["num_logical"], "num_physical": model.info["num_physical"],
-            "steps": steps, "hottest": hottest, "logical_load": logical.tolist(),
+            "steps": steps, "hottest": hottest, "logical_load": logical.tolist(), "ranks": _ranks(ranks),
             "rearrangements": _rearrangements(model, steps)}
+
+
+def _ranks(ranks: np.ndarray) -> list[dict]:
+    """Per EP rank over the steps: its assignments, their share of all, and the layers it is the hottest rank of."""
+    per_layer = ranks.sum(axis=0)  # [layers, ep_size]
+    totals, everything = per_layer.sum(axis=0), per_layer.sum()
+    loaded = per_layer.sum(axis=1) > 0  # a layer without assignments has no hottest rank
+    hottest = np.bincount(per_layer.argmax(axis=1)[loaded], minlength=per_layer.shape[1])
+    return [{"rank": rank, "assignments": int(total), "share": float(total / everything) if everything else 0.0,
+             "hottest_layers": int(hottest[rank])} for rank, total in enumerate(totals)]
 
 
 def _rearrangements(model: ModelRecording, steps: list[dict]) -> list[dict]:
@@ -107,83 +121,25 @@ def _rearrangements(model: ModelRecording, steps: list[dict]) -> list[dict]:
     num_logical = model.info["num_logical"]
     for index in range(1, len(model.map_steps)):
         old, new, at = model.maps[index - 1], model.maps[index], model.map_steps[index]
-        before = [s for s in steps if s["step"] <= at][-1:]
-        after = [s for s in steps if s["step"] > at][:1]
+        split = bisect.bisect_right(model.steps, at)  # steps[:split] <= at < steps[split:]
+        before = steps[split - 1] if split else None
+        after = steps[split] if split < len(steps) else None
         layers = []
         for layer in range(old.shape[0]):
             moved = int((old[layer] != new[layer]).sum())
             if not moved:
                 continue
-            count = lambda m: torch.bincount(m[m >= 0], minlength=num_logical)  # noqa: E731
+            count = lambda m: np.bincount(m[m >= 0], minlength=num_logical)  # noqa: E731
             delta = (count(new[layer]) - count(old[layer])).tolist()
             layers.append({
                 "layer": layer, "slots_changed": moved,
                 "replicas_gained": [e for e, d in enumerate(delta) if d > 0],
                 "replicas_lost": [e for e, d in enumerate(delta) if d < 0],
-                "max_over_mean_before": before[0]["max_over_mean"][layer] if before else None,
-                "max_over_mean_after": after[0]["max_over_mean"][layer] if after else None,
+                "max_over_mean_before": before["max_over_mean"][layer] if before else None,
+                "max_over_mean_after": after["max_over_mean"][layer] if after else None,
             })
         changes.append({"step": at, "layers": layers})
     return changes
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def format_text(summary: dict) -> str:
-    lines = [f"recording {summary['path']}: ep_size={summary['ep_size']} vllm={summary['vllm_version']} "
-             f"eplb_compile={summary['eplb_compile_version']}"]
-    if summary.get("damage"):
-        lines.append("  damaged recording: what follows is read around these losses:")
-        lines += [f"    {line}" for line in summary["damage"]]
-    for rank, counters in summary.get("dropped", {}).items():
-        if counters.get("paused_steps"):  # an operator's choice, not damage
-            lines.append(f"  rank {rank}: {_count(counters['paused_steps'], 'recorded step')} not written while "
-                         f"record_dir/PAUSE existed (as of its last readable chunk)")
-    first, last = summary.get("step_range", [None, None])
-    if (first, last) != (None, None):
-        lines.append(f"  steps {'' if first is None else first}:{'' if last is None else last} only "
-                     f"(first <= step < last)")
-    for model in summary["models"]:
-        steps = model["steps"]
-        lines.append(f"model {model['name']}: {len(model['layer_names'])} layers, {model['num_logical']} logical / "
-                     f"{model['num_physical']} physical experts, {_count(len(steps), 'recorded step')}, "
-                     f"{_count(len(model['rearrangements']), 'rearrangement')}")
-        lines.append(f"  recorded: only the steps whose pass vLLM puts into its EPLB window (the last "
-                     f"{model['window_size']} before each rearrangement, and before balancedness logs); "
-                     f"loads are assignments (token x top-k)")
-        lines.append("  imbalance over time, all layers (balancedness: 1 is perfect; max/mean over EP ranks)")
-        lines.append(f"  {'step':>6} {'assignments':>11} {'balancedness':>12} {'mean max/mean':>13} "
-                     f"{'worst max/mean':>15}")
-        for s in steps:
-            worst = max(range(len(s["max_over_mean"])), key=s["max_over_mean"].__getitem__)
-            mean = sum(s["max_over_mean"]) / len(s["max_over_mean"])
-            lines.append(f"  {s['step']:>6} {s['tokens']:>11} {s['balancedness']:>12.4f} {mean:>13.3f} "
-                         f"{s['max_over_mean'][worst]:>9.3f} (L{worst})")
-        lines.append("  imbalance over time, per layer: max/mean and (max-mean)/mean (trtllm), first -> last, worst")
-        for layer, name in enumerate(model["layer_names"]):
-            if not steps:
-                break
-            series = [(s["step"], s["max_over_mean"][layer], s["trtllm"][layer]) for s in steps]
-            worst = max(series, key=lambda item: item[1])
-            lines.append(f"    L{layer} {name}: max/mean {series[0][1]:.3f} -> {series[-1][1]:.3f} "
-                         f"(worst {worst[1]:.3f} at step {worst[0]}), trtllm {series[0][2]:.3f} -> "
-                         f"{series[-1][2]:.3f}")
-        lines.append("  hottest logical experts (share of the layer's recorded load)")
-        for layer, hot in enumerate(model["hottest"]):
-            experts = ", ".join(f"e{h['expert']} {100 * h['share']:.1f}%" for h in hot)
-            lines.append(f"    L{layer} {model['layer_names'][layer]}: {experts}")
-        for change in model["rearrangements"]:
-            lines.append(f"  rearrangement at step {change['step']}: "
-                         f"{len(change['layers'])} of {len(model['layer_names'])} layers changed")
-            for c in change["layers"]:
-                imbalance = " ".join(f"{k} {v:.3f}" for k, v in [("max/mean before", c["max_over_mean_before"]),
-                                                                  ("after", c["max_over_mean_after"])]
-                                     if v is not None)
-                lines.append(f"    L{c['layer']}: {c['slots_changed']} slots, replicas gained {c['replicas_gained']} "
-                             f"lost {c['replicas_lost']}; {imbalance}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------- command line
@@ -241,12 +197,17 @@ def report_command(args: argparse.Namespace) -> int:
     if what_if.option_error(args):
         print(f"eplb-compile report: error: {what_if.option_error(args)}", file=sys.stderr)
         return 2
+    errors: tuple[type[Exception], ...] = (RecordingError, OSError)
+    if args.what_if is not None:  # torch and vLLM's policy: imported only when asked for
+        from eplb_compile.placement import PlacementError
+
+        errors += (PlacementError,)
     try:
         recording = read_recording(args.record_dir)
         summary = summarize(recording, top=args.top, steps=args.steps)
         if args.what_if is not None:
             summary["what_if"] = what_if.what_if(recording, args.what_if, args.expert_bytes)
-    except (RecordingError, PlacementError, OSError) as error:
+    except errors as error:
         print(f"eplb-compile report: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     text = format_text(summary) + ("\n" + what_if.format_text(summary["what_if"]) if "what_if" in summary else "")

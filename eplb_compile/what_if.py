@@ -26,13 +26,13 @@ serving while the weights move.
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from eplb_compile import metrics
-from eplb_compile.placement import (PlacementError, compute_placement, load_placement, logical_load,
-                                    predicted_max_over_mean)
 from eplb_compile.recording import Recording
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 def add_what_if_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +95,11 @@ def switching_cost(current: torch.Tensor, target: torch.Tensor, ep_size: int, ex
 
 def what_if(recording: Recording, placement_path: str = "", expert_bytes: int | None = None) -> dict:
     """The ``what_if`` part of the report's JSON; PlacementError for a given placement that does not fit."""
+    import torch  # here, not at the top: the report without --what-if imports no torch
+
+    from eplb_compile.placement import (PlacementError, compute_placement, load_placement, logical_load,
+                                        predicted_max_over_mean, torch_steps)
+
     computed = compute_placement(recording)
     given = load_placement(placement_path) if placement_path else None
     if given is not None and len(given["models"]) != len(recording.models):
@@ -102,6 +107,7 @@ def what_if(recording: Recording, placement_path: str = "", expert_bytes: int | 
                              f"{len(recording.models)}")
     out = {"policy": computed["policy"], "given": placement_path or None, "models": []}
     for index, (info, steps) in enumerate(recording.models):
+        steps = torch_steps(steps)
         rows = list(range(len(steps.steps)))
         logical = logical_load(steps, rows, info["num_logical"])
         ranks = metrics.rank_loads(steps.load.sum(dim=0), recording.ep_size)  # [layers, ep_size]

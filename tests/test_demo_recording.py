@@ -27,15 +27,15 @@ def test_recording_holds_every_ranks_passes_and_the_placement(tmp_path, placemen
     assert read.ep_size == 2 and info["num_logical"] == 16 and info["num_physical"] == 20
     assert steps.steps == [0, 1, 2, 4]
     # Summed over ranks: the demo's global topk load, which the demo checks against its reference.
-    assert torch.equal(steps.load, result.loads["topk"][[0, 1, 2, 4]].long())
+    assert torch.equal(torch.from_numpy(steps.load), result.loads["topk"][[0, 1, 2, 4]].long())
     for rank in range(2):
         files = sorted(glob.glob(str(tmp_path / f"rank{rank}" / "*.safetensors")))  # the data, then the closing chunk
-        loads = torch.cat([read_chunk(file)[1]["model0.load"] for file in files])
+        loads = torch.cat([torch.from_numpy(read_chunk(file)[1]["model0.load"]) for file in files])
         assert torch.equal(loads, result.rank_loads[[0, 1, 2, 4], :, rank])
     assert steps.map_steps == [-1]
     if placement == "linear":
-        assert torch.equal(steps.maps[0], (torch.arange(20) % 16).expand(2, 20))
-    assert torch.equal(steps.maps[0], result.physical_to_logical)
+        assert torch.equal(torch.from_numpy(steps.maps[0]), (torch.arange(20) % 16).expand(2, 20))
+    assert torch.equal(torch.from_numpy(steps.maps[0]), result.physical_to_logical)
 
 
 def test_cli_record_then_place_improves_a_linear_start(tmp_path, capsys):

@@ -154,3 +154,55 @@ def test_one_hot_rank():
     load = torch.tensor([[100, 0, 0, 0, 0, 0, 0, 1]])
     assert balancedness(load, 8) == pytest.approx((101 / 8) / 100, rel=1e-15)
     assert imbalance_max_over_mean(load, 8).item() == pytest.approx(100 / (101 / 8), rel=1e-15)
+
+
+# --------------------------------------------------------------------------
+# The numpy formulas, every step at once (what `eplb-compile report` uses),
+# against the torch API step by step and against torch formulas written here.
+# --------------------------------------------------------------------------
+
+
+def _torch_reference(load: torch.Tensor, ep_size: int) -> tuple[float, list[float], list[float]]:
+    """The metrics in torch, as this module computed them before its formulas moved to numpy."""
+    per_rank = load.to(torch.float64).reshape(load.shape[0], ep_size, -1).sum(dim=-1)
+    max_load, mean = per_rank.max(dim=-1).values, per_rank.mean(dim=-1)
+    max_total = max_load.sum()
+    balanced = 0.0 if max_total == 0 else float(mean.sum() / max_total)
+    over = torch.where(mean > 0, max_load / mean.clamp_min(1e-12), torch.ones_like(mean))
+    trtllm = torch.where(mean > 0, (max_load - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+    return balanced, over.tolist(), trtllm.tolist()
+
+
+@pytest.mark.parametrize("steps, layers, physical, ep_size", [(7, 5, 24, 4), (33, 58, 288, 8), (3, 1, 9, 9)])
+def test_numpy_per_pass_equals_the_torch_metrics_on_random_loads(steps, layers, physical, ep_size):
+    import numpy as np
+
+    from eplb_compile import metrics
+
+    generator = torch.Generator().manual_seed(steps)
+    load = torch.randint(0, 5000, (steps, layers, physical), generator=generator, dtype=torch.int32)
+    load[0, 0] = 0  # an empty layer: balanced, never NaN
+    if steps > 3:
+        load[1] = 0  # an empty pass: balancedness 0.0, as vLLM logs it
+    array = load.numpy()
+    ranks = metrics.rank_loads_per_pass(array, ep_size)
+    per_pass = (metrics.balancedness_per_pass(array, ep_size), metrics.max_over_mean_per_pass(array, ep_size),
+                metrics.trtllm_per_pass(array, ep_size))
+    from_ranks = (metrics.balancedness_per_pass(ranks, ep_size), metrics.max_over_mean_per_pass(ranks, ep_size),
+                  metrics.trtllm_per_pass(ranks, ep_size))  # as the report computes them
+    for got in (per_pass, from_ranks):
+        assert got[0].shape == (steps,) and got[1].shape == got[2].shape == (steps, layers)
+        for step in range(steps):
+            assert got[0][step] == balancedness(load[step], ep_size)  # bit for bit
+            assert got[1][step].tolist() == imbalance_max_over_mean(load[step], ep_size).tolist()
+            assert got[2][step].tolist() == imbalance_trtllm(load[step], ep_size).tolist()
+            balanced, over, trtllm = _torch_reference(load[step], ep_size)
+            assert got[0][step] == pytest.approx(balanced, rel=1e-14, abs=0)
+            assert got[1][step].tolist() == over and got[2][step].tolist() == trtllm
+    assert np.array_equal(ranks, load.to(torch.float64).reshape(steps, layers, ep_size, -1).sum(dim=-1).numpy())
+    maps = torch.randint(-1, 11, (layers, physical), generator=generator)
+    logical = metrics.logical_load_per_pass(array, maps.numpy(), 11)
+    expected = torch.zeros((steps, layers, 12), dtype=torch.int64)
+    expected.scatter_add_(-1, maps.masked_fill(maps < 0, 11).expand(steps, -1, -1), load.long())
+    assert logical.dtype == np.int64 and logical.tolist() == expected[..., :11].tolist()
+    assert metrics.logical_load(load, maps, 11).tolist() == logical.tolist()

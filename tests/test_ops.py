@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 import eplb_compile
+import eplb_compile.ops  # noqa: F401 - registers torch.ops.eplb_compile (eplb_compile's names are lazy)
 from eplb_compile.reference import (
     map_and_record_numpy,
     map_and_record_reference,

@@ -30,8 +30,8 @@ def test_what_is_written_reads_back_summed_over_ranks(tmp_path):
     (info, steps), = read.models
     assert info == {"name": "m", "layer_names": ["layers.0", "layers.1"], "num_logical": 3, "num_physical": 4,
                     "window_size": 2}
-    assert steps.steps == [0, 1] and torch.equal(steps.load, (load * 3).long())
-    assert steps.map_steps == [START_UP_STEP] and torch.equal(steps.maps, start_map[None])
+    assert steps.steps == [0, 1] and torch.equal(torch.from_numpy(steps.load), (load * 3).long())
+    assert steps.map_steps == [START_UP_STEP] and torch.equal(torch.from_numpy(steps.maps), start_map[None])
 
 
 def test_steps_whose_map_no_chunk_holds_are_left_out_and_said(tmp_path):
@@ -48,3 +48,19 @@ def test_the_report_reads_through_the_format_module_only():
     imported = [node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)]
     assert "eplb_compile.recording" in imported
     assert not [name for name in imported if name and "vllm_plugin" in name]
+
+
+def test_the_numpy_writer_writes_the_bytes_safetensors_torch_writes(tmp_path):
+    """The writer takes the recorder's torch tensors and writes through numpy: the files are unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    steps = ModelSteps([0, 3], torch.arange(16, dtype=torch.int32).view(2, 2, 4), [START_UP_STEP],
+                       torch.tensor([[[0, 1, 2, -1], [2, 1, 0, 0]]]))
+    path = _write(tmp_path / "numpy", 0, 0, steps)
+    with safe_open(path, "np") as handle:
+        metadata = handle.metadata()
+    tensors = {name: torch.from_numpy(array) for name, array in recording.read_chunk(path)[1].items()}
+    assert tensors["model0.load"].dtype == torch.int32 and tensors["model0.maps"].dtype == torch.int64
+    save_file(tensors, str(tmp_path / "torch.safetensors"), metadata=metadata)
+    assert (tmp_path / "torch.safetensors").read_bytes() == Path(path).read_bytes()

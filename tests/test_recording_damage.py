@@ -62,10 +62,11 @@ def test_losing_the_chunk_with_a_rearrangement_keeps_the_map_that_routed_later_s
 
 
 def corrupt(path, mutate) -> None:
-    """Rewrite a chunk with ``mutate(header, tensors)`` applied and checksums that match it."""
+    """Rewrite a chunk with ``mutate(header, tensors)`` applied (on torch tensors) and checksums that match it."""
     from safetensors.torch import save_file
 
-    header, tensors = recording.read_chunk(str(path))
+    header, arrays = recording.read_chunk(str(path))
+    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
     mutate(header, tensors)
     header["crc32"] = {name: recording._crc32(tensor) for name, tensor in tensors.items()}
     save_file(tensors, str(path), metadata={recording.HEADER_KEY: json.dumps(header)})
@@ -83,14 +84,14 @@ MALFORMED = {
     "header 'ep_rank' is None": lambda header, tensors: header.pop("ep_rank"),
     "header 'models' missing": lambda header, tensors: header.pop("models"),
     "model 0: num_logical 0": set_model_key("num_logical", 0),
-    "model0.load is torch.float32": set_tensor("model0.load", lambda t: t.float()),
+    "model0.load is float32": set_tensor("model0.load", lambda t: t.float()),
     "model0.load is (2, 2, 8), not (2, 3, 8)": set_tensor("model0.load", lambda t: t[:, :2].contiguous()),
     "model0.load is (1, 3, 8), not (2, 3, 8)": set_tensor("model0.load", lambda t: t[:1].contiguous()),
-    "model0.load is torch.int32 (3, 8), not 3-D": set_tensor("model0.load", lambda t: t[0].contiguous()),
+    "model0.load is int32 (3, 8), not 3-D": set_tensor("model0.load", lambda t: t[0].contiguous()),
     "model0.load has negative counts": set_tensor("model0.load", lambda t: -t - 1),
     "no tensor model0.load": lambda header, tensors: tensors.pop("model0.load"),
     "model0.maps names a logical expert outside 0..5": set_tensor("model0.maps", lambda t: t + LOGICAL),
-    "model0.maps is torch.float32": set_tensor("model0.maps", lambda t: t.float()),
+    "model0.maps is float32": set_tensor("model0.maps", lambda t: t.float()),
     "model0.maps is (1, 3, 7), not (1, 3, 8)": set_tensor("model0.maps", lambda t: t[..., :7].contiguous()),
     "model0.steps are not increasing": set_tensor("model0.steps", lambda t: t.flip(0).contiguous()),
 }
@@ -114,6 +115,26 @@ def test_flipped_bytes_fail_the_checksum(tmp_path, capsys):
     path.write_bytes(bytes(data))
     summary = report_json(capsys, tmp_path)
     assert "fails its checksum" in summary["damage"][0] and summary["damage"][0].startswith("rank 0 chunk 1 lost")
+
+
+def test_a_load_that_fails_its_checksum_is_read_around_and_the_rest_summed_once(tmp_path, capsys):
+    """The loads are checked when they are summed (the second pass): the chunk is then read around as if
+    the first pass had found it, and no step counts twice."""
+    made = make_recording(tmp_path)
+    path = tmp_path / "rank1" / "chunk-000001.safetensors"
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8:8 + header_size])["model0.load"]["data_offsets"]
+    data[8 + header_size + start + 5] ^= 0x01  # one bit of one count: still a valid, non-negative int32
+    path.write_bytes(bytes(data))
+    summary = report_json(capsys, tmp_path)
+    (model,) = summary["models"]
+    assert [s["step"] for s in model["steps"]] == [0, 1, 6]
+    for s in model["steps"]:
+        assert s["tokens"] == (made["passes"][0, s["step"]] + made["passes"][1, s["step"]]).sum().item()
+    assert model["logical_load"] == expected_logical(made, {0: 0, 1: 0, 6: 1})
+    assert summary["damage"][0].startswith("rank 1 chunk 1 lost: ")
+    assert "chunk-000001.safetensors: malformed chunk (model0.load fails its checksum)" in summary["damage"][0]
 
 
 def test_a_killed_writer_leaves_no_closing_chunk_and_the_report_says_so(tmp_path, capsys):

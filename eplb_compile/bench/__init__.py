@@ -25,15 +25,17 @@ import os
 import statistics
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from eplb_compile.cli import bounded_int
 
 DEFAULT_TOKENS = (1, 16, 128, 512, 2048, 8192, 16384, 32768)
 QUICK_TOKENS = (1, 128, 512, 2048, 32768)
 MAX_TOKENS = 2**22  # tokens per rank: far past any batch one rank runs
-ID_DTYPES = {"int32": torch.int32, "int64": torch.int64, "int16": torch.int16}
+ID_DTYPES = ("int16", "int32", "int64")  # torch dtypes by name: the CLI builds this parser without importing torch
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 def _token_list(text: str) -> tuple[int, ...]:
@@ -68,13 +70,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="map columns (default: --num-redundant + 1, vLLM 0.34.0's width; 0.32.0 and 0.33.0 "
                              "allocate 1024)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of expert popularity")
-    parser.add_argument("--id-dtype", default="int32", choices=sorted(ID_DTYPES))
+    parser.add_argument("--id-dtype", default="int32", choices=ID_DTYPES)
     parser.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0)
     parser.add_argument("--host-calls", type=bounded_int(1, 1_000_000), default=100, help="eager calls per host-overhead sample")
     parser.add_argument("--host-rounds", type=bounded_int(1, 1000), default=15, help="host-overhead samples (median)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
     if not torch.cuda.is_available():
         print("eplb-compile bench: error: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
@@ -140,6 +144,7 @@ class _Measurer:
 
 
 def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
+    import torch
     import triton
 
     from eplb_compile.bench import impls, inputs, plan, report
@@ -167,7 +172,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu: str) -> int:
     print(f"# the operators' plan on this card: {card_plan.topk_plan}, crossover {card_plan.count_path_min_tokens} "
           f"(from {card_plan.source})")
     setup = inputs.build_setup(args, device)
-    work = {t: inputs.build_workload(setup, t, ID_DTYPES[args.id_dtype], args.seed) for t in tokens_list}
+    work = {t: inputs.build_workload(setup, t, getattr(torch, args.id_dtype), args.seed) for t in tokens_list}
     expected = {t: inputs.expectations(setup, work[t]) for t in tokens_list}
     m = _Measurer(setup, work, expected, replays, repeats)
 

@@ -29,7 +29,7 @@ from test_eplb_loop import NUM_PHYSICAL, expected_pass, run_ranks  # noqa: E402
 
 from eplb_compile import metrics  # noqa: E402
 from eplb_compile.placement import (StepRange, compute_placement, logical_load, predicted_physical_load,  # noqa: E402
-                                    selected_rows, to_json)
+                                    selected_rows, to_json, torch_steps)
 from eplb_compile.recording import read_recording  # noqa: E402
 
 STEPS = 5  # experts 4 and 5 hot throughout
@@ -92,6 +92,7 @@ def test_every_pass_is_counted_under_the_placement(runs):
 
 def test_measured_load_is_the_predicted_one(runs):
     (_, steps1), (_, steps2) = runs["recording1"].models[0], runs["recording2"].models[0]
+    steps1, steps2 = torch_steps(steps1), torch_steps(steps2)
     assert steps1.steps == steps2.steps and len(steps2.steps) >= 2
     rows = selected_rows(steps2, StepRange())
     logical = logical_load(steps1, rows, w.NUM_LOGICAL)

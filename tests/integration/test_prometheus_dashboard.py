@@ -33,6 +33,7 @@ from test_eplb_loop import free_port, run_ranks  # noqa: E402
 from test_recorder import two_free_ports  # noqa: E402
 
 from eplb_compile import metrics, recording  # noqa: E402
+from eplb_compile.placement import torch_steps  # noqa: E402
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "eplb_compile" / "vllm_plugin" / "grafana_dashboard.json"
 
@@ -113,6 +114,7 @@ def by_labels(result: list[dict], *names: str) -> dict[tuple, float]:
 def test_every_panel_returns_the_reports_numbers(scraped):
     ranks, record_dir, answers = scraped
     (info, summed), = recording.read_recording(record_dir).models  # what eplb-compile report reads
+    summed = torch_steps(summed)
     assert {s["lowering"] for s in ranks[0]["steps"] if s["gate"]} == {"counts", "topk"}
     layers = [str(layer) for layer in range(w.NUM_LAYERS)]
     window = summed.load[-w.WINDOW_SIZE :].sum(dim=0)

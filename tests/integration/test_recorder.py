@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from test_eplb_loop import free_port, map_changes, run_ranks  # noqa: E402
 
 from eplb_compile import metrics, recording, report  # noqa: E402
+from eplb_compile.placement import torch_steps  # noqa: E402
 from eplb_compile.vllm_plugin import config as plugin_config  # noqa: E402
 
 WARNING = "cannot write to"
@@ -57,7 +58,7 @@ def recorded(tmp_path_factory):
 
 def rank_recording(record_dir: str, rank: int):
     chunks = [recording.read_chunk(f) for f in sorted(glob.glob(os.path.join(record_dir, f"rank{rank}", "*")))]
-    steps = recording.concat_chunks(chunks, 0)
+    steps = torch_steps(recording.concat_chunks(chunks, 0))
     return chunks, (steps.steps, steps.load, steps.map_steps, steps.maps)
 
 
@@ -108,6 +109,7 @@ def test_metrics_are_the_ep_global_numbers_of_the_report_on_both_lowerings(recor
     ranks, record_dir = recorded
     assert {step["lowering"] for step in ranks[0]["steps"] if step["gate"]} == {"counts", "topk"}
     (info, summed), = recording.read_recording(record_dir).models  # the report's reader
+    summed = torch_steps(summed)
     rank_load = summed.load.reshape(len(summed.steps), w.NUM_LAYERS, 2, -1).sum(dim=-1)  # [steps, layers, ranks]
     window = summed.load[-w.WINDOW_SIZE :].sum(dim=0)
     for result in ranks:

@@ -1,0 +1,201 @@
+"""Reading a recording's folder: every rank's chunks, read around losses, summed over ranks.
+
+Part of the recording format of :mod:`eplb_compile.recording`, which owns the
+layout (this module reads files only through its ``read_chunk``,
+``read_load`` and ``concat_chunks``) and whose ``read_recording`` calls
+this one; a module of its own for length only.
+
+Two passes, numpy only: every chunk's header and small tensors first (steps,
+maps; each checked and CRC-checked), to decide which steps every rank
+recorded, which map routed each, and what is lost; then each chunk's loads,
+read once, CRC-checked, checked for negative counts and summed into one
+``[steps, layers, physical]`` int64 buffer per model, one chunk's load in
+memory at a time. A chunk whose loads fail that check is read around like any
+damaged chunk: the first pass's decisions are made again without it (and the
+loads read again), so the result is the one a reader that checked everything
+first would give.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import numpy as np
+
+from eplb_compile.recording import (CHUNK_GLOB, DamagedChunk, ModelSteps, Recording, RecordingError, concat_chunks,
+                                    read_chunk, read_load)
+
+_RANK_DIR = re.compile(r"rank(\d+)$")
+_CHUNK_FILE = re.compile(r"chunk-(\d+)\.safetensors$")
+
+
+def read_recording(path: str) -> Recording:
+    """Every rank's chunks, the passes summed over ranks at the steps every rank recorded.
+
+    Damaged or missing chunks are read around and said in ``damage``; RecordingError
+    (one line) for a folder that is not a recording, or one with nothing usable.
+    """
+    if not os.path.isdir(path):
+        raise RecordingError(f"{path}: not a recording (no such folder)")
+    files = sorted(glob.glob(os.path.join(path, "rank*", CHUNK_GLOB)))
+    if not files:
+        raise RecordingError(f"{path}: not a recording (no rank*/{CHUNK_GLOB} files)")
+    chunks: dict[int, dict[int, tuple[dict, dict]]] = {}  # their loads left out: read once, when summed
+    chunk_files: dict[int, dict[int, str]] = {}
+    unreadable: dict[int, dict[int, str]] = {}
+    for file in files:
+        rank_match = _RANK_DIR.search(os.path.dirname(file))
+        chunk_match = _CHUNK_FILE.search(os.path.basename(file))
+        if not rank_match or not chunk_match:
+            continue  # not a name the recorder writes
+        rank, number = int(rank_match.group(1)), int(chunk_match.group(1))
+        try:
+            header, tensors = read_chunk(file, with_loads=False)
+        except DamagedChunk as error:
+            unreadable.setdefault(rank, {})[number] = str(error)
+            continue
+        if (header["ep_rank"], header["chunk"]) != (rank, number):
+            unreadable.setdefault(rank, {})[number] = f"{file}: malformed chunk (its header says rank " \
+                                                      f"{header['ep_rank']} chunk {header['chunk']})"
+            continue
+        chunks.setdefault(rank, {})[number] = (header, tensors)
+        chunk_files.setdefault(rank, {})[number] = file
+    while True:  # once, unless a chunk's loads fail their check: then again without it
+        recording = _plan(path, chunks, unreadable)
+        failed = _sum_loads(recording, chunks, chunk_files)
+        if not failed:
+            return recording
+        for (rank, number), why in failed.items():
+            del chunks[rank][number]
+            unreadable.setdefault(rank, {})[number] = why
+            if not chunks[rank]:
+                del chunks[rank]
+
+
+def _plan(path: str, chunks: dict, unreadable: dict) -> Recording:
+    """The recording the readable chunks make, its loads still zero: which steps, maps and losses."""
+    if not chunks:
+        first = min((why for by_number in unreadable.values() for why in by_number.values()),
+                    default="no file named rank<r>/chunk-<n>.safetensors")
+        raise RecordingError(f"{path}: no readable chunk; first: {first}")
+    header = chunks[min(chunks)][min(chunks[min(chunks)])][0]
+    ep_size = header["ep_size"]
+    for rank, by_number in chunks.items():
+        for number, (other, _) in by_number.items():
+            if (other["ep_size"], other["models"]) != (ep_size, header["models"]):
+                raise RecordingError(f"{path}: rank{rank}/chunk-{number:06d} is of another run (EP size or models "
+                                     f"differ from the first chunk's)")
+    if sorted(chunks) != list(range(ep_size)):
+        raise RecordingError(f"{path}: ranks {sorted(chunks)} recorded, but ep_size is {ep_size}"
+                             + (f" (unreadable: {sorted(set(unreadable) - set(chunks))})"
+                                if set(unreadable) - set(chunks) else ""))
+    damage = [line for rank in range(ep_size)
+              for line in _rank_damage(rank, chunks[rank], unreadable.get(rank, {}))]
+    dropped = {rank: chunks[rank][max(chunks[rank])][0].get("counters", {}) for rank in range(ep_size)}
+    models, missing = [], 0
+    for index, info in enumerate(header["models"]):
+        per_rank = [concat_chunks(list(chunks[rank].values()), index) for rank in range(ep_size)]
+        maps = _agreed_maps(path, info["name"], per_rank)
+        common = sorted(set.intersection(*(set(rank.steps) for rank in per_rank)))
+        left_out = sorted(set.union(*(set(rank.steps) for rank in per_rank)) - set(common))
+        missing += len(left_out)
+        if left_out:
+            damage.append(f"model {info['name']!r}: steps {_ranges(left_out)} left out: not recorded by every rank")
+        unrouted = [step for step in common if not any(s < step for s in maps)]
+        if unrouted:  # no chunk says which map routed them: never guess one
+            damage.append(f"model {info['name']!r}: steps {_ranges(unrouted)} left out: the map that routed them "
+                          f"is in no readable chunk")
+            common = [step for step in common if step not in unrouted]
+        load = np.zeros((len(common), len(info["layer_names"]), info["num_physical"]), dtype=np.int64)
+        map_steps = sorted(maps)
+        stacked = np.stack([maps[s] for s in map_steps]) if maps else per_rank[0].maps
+        models.append((info, ModelSteps(common, load, map_steps, stacked)))
+    return Recording(path, ep_size, header, models, missing, damage, dropped)
+
+
+def _sum_loads(recording: Recording, chunks: dict, files: dict) -> dict[tuple[int, int], str]:
+    """Read every chunk's loads once, check them and add the planned steps' rows into ``recording``'s
+    buffers, one chunk's load in memory at a time; the chunks whose loads fail, with why (then the
+    sums are incomplete and the plan is made again without them)."""
+    rows_of = [{step: row for row, step in enumerate(steps.steps)} for _, steps in recording.models]
+    failed = {}
+    for rank in sorted(chunks):
+        for number, (header, tensors) in sorted(chunks[rank].items()):
+            file = files[rank][number]
+            for model, ((_, summed), row_of) in enumerate(zip(recording.models, rows_of, strict=True)):
+                steps = tensors[f"model{model}.steps"].tolist()
+                load, problem = read_load(file, header, model, (len(steps), *summed.load.shape[1:]))
+                if problem:
+                    failed[rank, number] = f"{file}: malformed chunk ({problem})"
+                    break
+                if not failed:
+                    _add_rows(summed.load, load, steps, row_of)
+    return failed
+
+
+def _add_rows(total: np.ndarray, load: np.ndarray, steps: list[int], row_of: dict[int, int]) -> None:
+    """``total[row_of[step]] += load[i]`` for each of the chunk's steps that is planned."""
+    picks = [(i, row_of[step]) for i, step in enumerate(steps) if step in row_of]
+    if not picks:
+        return
+    first, rows = picks[0][1], [row for _, row in picks]
+    if len(picks) == len(steps) and rows == list(range(first, first + len(rows))):
+        total[first:first + len(rows)] += load  # the usual case: every step, in order: no copy
+    else:
+        total[rows] += load[[i for i, _ in picks]]
+
+
+def _agreed_maps(path: str, name: str, per_rank: list[ModelSteps]) -> dict[int, np.ndarray]:
+    """Every rank's maps by step (the ranks share them: one rank's lost chunk is another's copy)."""
+    maps: dict[int, np.ndarray] = {}
+    for rank, steps in enumerate(per_rank):
+        for step, routing in zip(steps.map_steps, steps.maps, strict=True):
+            if step in maps and not np.array_equal(maps[step], routing):
+                raise RecordingError(f"{path}: rank {rank}'s map of model {name!r} at step {step} differs "
+                                     f"from another rank's")
+            maps.setdefault(step, routing)
+    return maps
+
+
+def _rank_damage(rank: int, chunks: dict[int, tuple[dict, dict]], unreadable: dict[int, str]) -> list[str]:
+    """One line per chunk of this rank that is missing or unusable, and for a recording that did not close."""
+    def steps_of(number: int) -> list[int]:
+        tensors = chunks[number][1]
+        return sorted(s for key, t in tensors.items() if key.endswith(".steps") for s in t.tolist())
+
+    lines = []
+    last = max([*chunks, *unreadable])
+    for number in range(last + 1):
+        if number in chunks:
+            continue
+        before = [s for n in chunks if n < number for s in steps_of(n)]
+        after = [s for n in chunks if n > number for s in steps_of(n)]
+        bounds = ([f"after {max(before)}"] if before else []) + ([f"before {min(after)}"] if after else [])
+        span = " ".join(["steps", " and ".join(bounds)]).strip()
+        why = unreadable.get(number, "absent (a failed flush: full disk or write error, or a deleted file)")
+        lines.append(f"rank {rank} chunk {number} lost: {why}; its {span} and any map committed then are not "
+                     f"in the recording of rank {rank}")
+    if not chunks[max(chunks)][0].get("final") and last == max(chunks):
+        recorded = [s for n in chunks for s in steps_of(n)]
+        lines.append(f"rank {rank}: no closing chunk (the recorder was killed, or is still running): steps after "
+                     f"{max(recorded) if recorded else 'the start'} are not in the recording of rank {rank}")
+    counters = chunks[max(chunks)][0].get("counters", {})
+    if any(counters.get(key) for key in ("dropped_ring_full", "dropped_write_error", "write_errors")):
+        lines.append(f"rank {rank} dropped {counters.get('dropped_ring_full', 0)} recorded steps because its ring was "
+                     f"full and {counters.get('dropped_write_error', 0)} in {counters.get('write_errors', 0)} failed "
+                     f"flushes (as of its last readable chunk)")
+    return lines
+
+
+def _ranges(steps: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``1-3, 7``."""
+    parts, start = [], None
+    for i, step in enumerate(steps):
+        if start is None:
+            start = step
+        if i + 1 == len(steps) or steps[i + 1] != step + 1:
+            parts.append(str(start) if start == step else f"{start}-{step}")
+            start = None
+    return ", ".join(parts)
