@@ -28,7 +28,9 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.custom_op import CustomOp
 
-import eplb_compile as ec
+# Imported by name at plugin load: the package's names are lazy (PEP 562), and a first
+# look-up inside a forward Dynamo traces must not be an import.
+from eplb_compile import Lowering, map_and_record, map_only, record_counts, select_lowering
 from eplb_compile.vllm_plugin import LOG_TAG, LOGGER_NAME, OP_NAME, backends, vllm_surface
 
 logger = init_logger(LOGGER_NAME)
@@ -102,7 +104,7 @@ class EplbLoadUpdate(CustomOp):
             warn_counts_lost(waiting.layer_name, "a count-path forward never reached the modular kernel's prepare")
 
         impl = None if self._counts_lost else vllm_surface.modular_kernel(runner)
-        choice = ec.select_lowering(
+        choice = select_lowering(
             backends.has_exact_counts(impl),
             self._rank_uniform_num_tokens(topk_ids.shape[0]),
             device=topk_ids.device,
@@ -110,14 +112,14 @@ class EplbLoadUpdate(CustomOp):
         backend = "none" if impl is None else type(impl.prepare_finalize).__name__
         log_lowering(self._key, self.layer_name, choice.lowering.value, backend, choice.reason)
 
-        if choice.lowering is ec.Lowering.COUNTS:
+        if choice.lowering is Lowering.COUNTS:
             _counts_pending[ubatch] = self
             # Padded rows come back -1 from the same kernel; rows of -1 are
             # never dispatched, so expert_num_tokens leaves them out.
-            return ec.map_only(
+            return map_only(
                 topk_ids, state.logical_to_physical_map, state.logical_replica_count, num_unpadded
             )
-        return ec.map_and_record(
+        return map_and_record(
             topk_ids,
             state.logical_to_physical_map,
             state.logical_replica_count,
@@ -155,7 +157,7 @@ class EplbLoadUpdate(CustomOp):
         counts = counts[:num_local]
         if counts.dtype != torch.int32:  # vLLM's backends give int32: no cast kernel then
             counts = counts.to(torch.int32)
-        ec.record_counts(state.expert_load_view, counts, start, state.should_record_tensor)
+        record_counts(state.expert_load_view, counts, start, state.should_record_tensor)
 
     def _local_slice(self, num_physical: int) -> tuple[int, int]:
         """``(start, num_local)`` of this rank's experts under EPLB's linear placement.
