@@ -41,7 +41,6 @@ import torch
 
 from eplb_compile.kernels import call as call_module
 from eplb_compile.kernels import cuda_variants
-from eplb_compile.ops import _validation
 
 ENV = "EPLB_COMPILE_EAGER_LAUNCHER"
 _ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
@@ -71,6 +70,8 @@ def build_macros() -> dict[str, int]:
     macros["EPLB_COUNT_PARAM_COUNT"] = len(cuda_variants.COUNT_PARAMS)
     macros["EPLB_COUNT_THREADS"] = cuda_variants.COUNT_THREADS
     macros["EPLB_HIST_BYTES_PER_EXPERT"] = cuda_variants.HIST_BYTES_PER_EXPERT
+    from eplb_compile.ops import _validation  # here: the ops package imports this module
+
     macros["EPLB_INT8_ID_CAPACITY"] = _validation._ID_CAPACITY[torch.int8]
     macros["EPLB_INT16_ID_CAPACITY"] = _validation._ID_CAPACITY[torch.int16]
     return macros
