@@ -170,6 +170,10 @@ def main(rank: int, port: int, out_file: str, options: dict) -> None:
     import vllm_layers as t
     from eplb_compile.selection import MIN_TOKENS_ENV
 
+    global NUM_TOKENS  # tokens per forward: the placement test serves large batches (see there)
+    NUM_TOKENS = options.get("tokens", NUM_TOKENS)
+    t.MAX_TOKENS = max(t.MAX_TOKENS, NUM_TOKENS)
+
     load_general_plugins()
     if options.get("record"):
         from eplb_compile.vllm_plugin import eplb_step_hook

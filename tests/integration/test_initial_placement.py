@@ -10,8 +10,9 @@ expert weights on every rank follow the placement bit for bit from the first
 step; every pass is what the router's logical ids give under the placement;
 the recorded logical load is the same as run 1's; a slot of an expert with
 one replica carries exactly its predicted load, and the measured imbalance
-is the predicted one up to how vLLM splits a replicated expert's tokens over
-its replicas (by batch position, which a recording does not keep); outputs
+is the predicted one within 0.5 % (vLLM splits a replicated expert's tokens
+over its replicas by batch position, which a recording does not keep: even
+in expectation, so the test serves 2048-token batches); outputs
 equal stock vLLM's (op off, linear start).
 """
 
@@ -33,11 +34,16 @@ from eplb_compile.placement import (StepRange, compute_placement, logical_load, 
 from eplb_compile.recording import read_recording  # noqa: E402
 
 STEPS = 5  # experts 4 and 5 hot throughout
+# Tokens per forward. vLLM sends token t of a batch to replica hash(t) mod replicas, so a replicated
+# expert's load splits evenly over its replicas only in expectation: with 24 tokens a forward the
+# measured max/mean was 1.069 / 1.063 where the even split predicts 1.009 / 1.000; the gap shrinks
+# like 1 / sqrt(assignments per replica).
+TOKENS = 2048
 
 
 def options(record_dir, **section) -> str:
     section = {"record_dir": str(record_dir), "flush_every_steps": 2, "online_rebalancing": False, **section}
-    return json.dumps({"record": True, "steps": STEPS, "weights_before_add_model": True, "hot_offset": 4,
+    return json.dumps({"record": True, "steps": STEPS, "weights_before_add_model": True, "hot_offset": 4, "tokens": TOKENS,
                        "additional_config": {"eplb_compile": section}})
 
 
@@ -104,15 +110,16 @@ def test_measured_load_is_the_predicted_one(runs):
     single = torch.stack([torch.bincount(row, minlength=w.NUM_LOGICAL)[row] == 1 for row in table])
     assert single.any() and torch.equal(measured[single].double(), predicted[single])
     # A replicated expert's slots share its load; how they share it depends on where its tokens sit
-    # in the batch (vLLM picks a replica by position), which a recording does not keep. So the
-    # imbalance is the predicted one up to that split.
+    # in the batch (vLLM picks a replica by position), which a recording does not keep. At TOKENS
+    # a forward the split is even to within a few assignments in a thousand: the imbalance is the
+    # predicted one within 0.5 % (measured 1.0003 / 1.0002 against 1.0016 / 1.0025 predicted).
     measured_ratio = metrics.imbalance_max_over_mean(measured, 2)
     model = runs["placement"]["models"][0]
     predicted_ratio = torch.tensor(model["predicted_max_over_mean"], dtype=torch.float64)
     print(f"max/mean per layer: recorded {model['recorded_max_over_mean']}, predicted {predicted_ratio.tolist()}, "
           f"measured on the placement {measured_ratio.tolist()}")
     assert (measured_ratio < torch.tensor(model["recorded_max_over_mean"], dtype=torch.float64)).all()
-    torch.testing.assert_close(measured_ratio, predicted_ratio, rtol=0.1, atol=0)
+    torch.testing.assert_close(measured_ratio, predicted_ratio, rtol=0.005, atol=0)
 
 
 def test_outputs_equal_stock_vllm(runs):
