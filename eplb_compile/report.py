@@ -206,7 +206,7 @@ def report_command(args: argparse.Namespace) -> int:
         recording = read_recording(args.record_dir)
         summary = summarize(recording, top=args.top, steps=args.steps)
         if args.what_if is not None:
-            summary["what_if"] = what_if.what_if(recording, args.what_if, args.expert_bytes)
+            summary["what_if"] = what_if.what_if(recording, args.what_if, args.expert_bytes, args.steps)
     except errors as error:
         print(f"eplb-compile report: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2

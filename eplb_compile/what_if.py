@@ -1,6 +1,6 @@
 """``eplb-compile report --what-if [PLACEMENT]``: what a placement would have changed.
 
-Per model and MoE layer of a recording, over all its recorded steps: the
+Per model and MoE layer of a recording, over its recorded steps (those of ``--steps A:B``, else all): the
 hottest EP rank and its share of the layer's load, max/mean over ranks as
 recorded, as predicted under the placement ``eplb-compile place`` computes
 (:mod:`eplb_compile.placement`), and under a given placement file. Predicted
@@ -93,14 +93,17 @@ def switching_cost(current: torch.Tensor, target: torch.Tensor, ep_size: int, ex
     return out
 
 
-def what_if(recording: Recording, placement_path: str = "", expert_bytes: int | None = None) -> dict:
-    """The ``what_if`` part of the report's JSON; PlacementError for a given placement that does not fit."""
+def what_if(recording: Recording, placement_path: str = "", expert_bytes: int | None = None,
+            steps: tuple[int | None, int | None] = (None, None)) -> dict:
+    """The ``what_if`` part of the report's JSON, over the recorded steps ``first <= step < last``
+    (the report's ``--steps``); PlacementError for a given placement that does not fit."""
     import torch  # here, not at the top: the report without --what-if imports no torch
 
-    from eplb_compile.placement import (PlacementError, compute_placement, load_placement, logical_load,
-                                        predicted_max_over_mean, torch_steps)
+    from eplb_compile.placement import (PlacementError, StepRange, compute_placement, load_placement,
+                                        logical_load, predicted_max_over_mean, selected_rows, torch_steps)
 
-    computed = compute_placement(recording)
+    step_range = StepRange(*steps)
+    computed = compute_placement(recording, step_range)
     given = load_placement(placement_path) if placement_path else None
     if given is not None and len(given["models"]) != len(recording.models):
         raise PlacementError(f"{placement_path}: {len(given['models'])} models, the recording has "
@@ -108,9 +111,10 @@ def what_if(recording: Recording, placement_path: str = "", expert_bytes: int | 
     out = {"policy": computed["policy"], "given": placement_path or None, "models": []}
     for index, (info, steps) in enumerate(recording.models):
         steps = torch_steps(steps)
-        rows = list(range(len(steps.steps)))
+        rows = selected_rows(steps, step_range)
         logical = logical_load(steps, rows, info["num_logical"])
-        ranks = metrics.rank_loads(steps.load.sum(dim=0), recording.ep_size)  # [layers, ep_size]
+        load = steps.load[rows].sum(dim=0)  # [layers, physical]
+        ranks = metrics.rank_loads(load, recording.ep_size)  # [layers, ep_size]
         current = steps.maps[-1]
         targets = {"computed": (torch.tensor(computed["models"][index]["physical_to_logical"]), recording.ep_size)}
         if given is not None:
@@ -121,7 +125,7 @@ def what_if(recording: Recording, placement_path: str = "", expert_bytes: int | 
                                      f"{len(info['layer_names'])} of {info['num_logical']}")
             targets["given"] = (model["physical_to_logical"], given["ep_size"])
         predicted = {name: predicted_max_over_mean(logical, table, ep) for name, (table, ep) in targets.items()}
-        recorded = metrics.imbalance_max_over_mean(steps.load.sum(dim=0), recording.ep_size).tolist()
+        recorded = metrics.imbalance_max_over_mean(load, recording.ep_size).tolist()
         layers = []
         for layer, name in enumerate(info["layer_names"]):
             total = float(ranks[layer].sum())

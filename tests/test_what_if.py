@@ -71,6 +71,19 @@ def test_report_what_if_text_and_json(tmp_path, capsys):
     assert "bytes_received" not in switch  # no size given, none recorded
 
 
+def test_report_what_if_keeps_to_the_step_range(tmp_path, capsys):
+    # Step 0 skewed onto r0 (max/mean 1.9), step 1 onto r1 ([0, 10, 90, 100]: 1.9 too), both: 1.0.
+    record(tmp_path / "rec", {0: [100, 90, 10, 0], 1: [0, 10, 90, 100]}, {-1: [0, 1, 2, 3]})
+    wanted = {(None, None): (2, 1.0, 0.5), ("0", "1"): (1, 1.9, 0.95), ("1", None): (1, 1.9, 0.95)}
+    for (first, last), (count, recorded, share) in wanted.items():
+        argv = [] if first is None else ["--steps", f"{first}:{last or ''}"]
+        assert main(["report", str(tmp_path / "rec"), "--what-if", "--json", *argv]) == 0
+        model = json.loads(capsys.readouterr().out)["what_if"]["models"][0]
+        layer = model["layers"][0]
+        assert (model["steps"], layer["recorded"], layer["hottest_share"]) == (count, pytest.approx(recorded),
+                                                                            pytest.approx(share))
+
+
 def test_report_what_if_with_a_given_placement(tmp_path, capsys):
     record(tmp_path / "rec", {0: [100, 90, 10, 0]}, {-1: [0, 1, 2, 3]})
     given = tmp_path / "given.json"
