@@ -9,6 +9,10 @@ where a GPU exists, against what the launcher actually takes.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -187,3 +191,30 @@ def test_the_route_without_the_launcher(monkeypatch):
     answer = eager_route(eplb_compile.map_only, ids, l2p, rc)
     assert answer.implementation in (Implementation.PYTHON_CUDA, Implementation.TRITON), answer
     assert "is off" in answer.reason
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_young_one_kept(tmp_path):
+    old, young = tmp_path / "old_lock", tmp_path / "young_lock"
+    for lock in (old, young):
+        lock.write_text("")
+    stale = time.time() - eager_extension.STALE_LOCK_S - 1
+    os.utime(old, (stale, stale))
+    with pytest.warns(UserWarning, match="did not finish"):
+        eager_extension._remove_stale_lock(str(old))
+    eager_extension._remove_stale_lock(str(young))  # a build in progress: left alone, no warning
+    eager_extension._remove_stale_lock(str(tmp_path / "absent"))
+    assert not old.exists() and young.exists()
+
+
+def test_waiting_for_the_build_is_bounded(monkeypatch):
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait, daemon=True)  # a build that never ends
+    stuck.start()
+    monkeypatch.setattr(eager_extension, "_thread", stuck)
+    monkeypatch.setattr(eager_extension, "_module", None)
+    monkeypatch.delenv(eager_extension.ENV, raising=False)
+    started = time.monotonic()
+    assert eager_extension.wait(timeout_s=0.2) is None
+    assert time.monotonic() - started < 5
+    assert "still being built" in eager_extension.state()
+    release.set()
