@@ -32,6 +32,12 @@ def launcher():
     return module
 
 
+def test_it_builds_where_torch_extensions_dir_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # e.g. a container whose $HOME is read-only
+    module = eager_extension.build()
+    assert module.__file__.startswith(str(tmp_path) + "/eplb_compile_eager_")
+
+
 def test_it_builds_and_takes_no_cpu_call(launcher):
     ids = torch.zeros(4, 8, dtype=torch.int32)
     l2p, rc = torch.zeros(4, 2, dtype=torch.int64), torch.ones(4, dtype=torch.int32)

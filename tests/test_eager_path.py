@@ -9,7 +9,6 @@ where a GPU exists, against what the launcher actually takes.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -193,17 +192,49 @@ def test_the_route_without_the_launcher(monkeypatch):
     assert "is off" in answer.reason
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_young_one_kept(tmp_path):
-    old, young = tmp_path / "old_lock", tmp_path / "young_lock"
-    for lock in (old, young):
-        lock.write_text("")
-    stale = time.time() - eager_extension.STALE_LOCK_S - 1
-    os.utime(old, (stale, stale))
+def test_a_file_baton_left_by_a_killed_build_is_removed(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)  # torch 2.11's build lock
     with pytest.warns(UserWarning, match="did not finish"):
-        eager_extension._remove_stale_lock(str(old))
-    eager_extension._remove_stale_lock(str(young))  # a build in progress: left alone, no warning
-    eager_extension._remove_stale_lock(str(tmp_path / "absent"))
-    assert not old.exists() and young.exists()
+        eager_extension._remove_stale_lock(str(lock))
+    assert not lock.exists()
+    eager_extension._remove_stale_lock(str(lock))  # none left: nothing to do, no warning
+
+
+def test_an_os_file_lock_left_after_a_build_is_kept(tmp_path, monkeypatch, recwarn):
+    from torch.utils import cpp_extension
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    monkeypatch.delattr(cpp_extension, "FileBaton", raising=False)  # torch 2.14: an OS lock, its file stays
+    eager_extension._remove_stale_lock(str(lock))
+    assert lock.exists() and not recwarn.list
+
+
+def test_builds_are_serialised_by_an_os_lock_a_dead_holder_releases(tmp_path):
+    import subprocess
+    import sys
+
+    folder = str(tmp_path / "build")
+    holder = "import fcntl, sys, time; h = open(sys.argv[1] + '.eplb_compile.lock', 'w'); " \
+             "fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", holder, folder], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    entered = threading.Event()
+
+    def build():
+        with eager_extension._one_build_at_a_time(folder):
+            entered.set()
+
+    waiter = threading.Thread(target=build, daemon=True)
+    waiter.start()
+    assert not entered.wait(0.5)  # another process is building in this folder
+    process.kill()  # killed mid-build: the kernel drops its lock
+    process.wait()
+    assert entered.wait(10)
 
 
 def test_waiting_for_the_build_is_bounded(monkeypatch):

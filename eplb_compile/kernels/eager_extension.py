@@ -32,7 +32,6 @@ import hashlib
 import os
 import sys
 import threading
-import time
 import warnings
 from importlib import resources
 from types import ModuleType
@@ -117,30 +116,40 @@ def build() -> ModuleType:
     # module built against another torch or other constants is never loaded.
     fingerprint = "\0".join([text, *flags, torch.__version__, str(torch.version.git_version), sys.version])
     name = f"eplb_compile_eager_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
-    folder = os.path.join(cpp_extension.get_default_build_root(), name)
+    # TORCH_EXTENSIONS_DIR as torch reads it (cpp_extension.py:2813 in 2.14); a folder of our own.
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    _remove_stale_lock(os.path.join(folder, "lock"))
-    with resources.as_file(source) as path:
+    with _one_build_at_a_time(folder), resources.as_file(source) as path:
+        _remove_stale_lock(os.path.join(folder, "lock"))
         return cpp_extension.load(name=name, sources=[str(path)], extra_cflags=["-O2", *flags],
                                   build_directory=folder, verbose=False)
 
 
-STALE_LOCK_S = 600  # a build takes about 20 s; a lock this old was left by a killed build
+@contextlib.contextmanager
+def _one_build_at_a_time(folder: str):
+    """An OS file lock around the build (vLLM starts one process per GPU, and each builds):
+    the kernel releases it when a process dies, so a killed build never blocks the next."""
+    import fcntl
+
+    with open(folder + ".eplb_compile.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _remove_stale_lock(lock: str) -> None:
-    """torch's build lock (``torch/utils/file_baton.py``: ``FileBaton.wait`` polls for as
-    long as the file ``lock`` exists in the build folder) outlives a build killed mid-way,
-    and every later build then waits forever. Builds in progress are far younger."""
-    try:
-        age = time.time() - os.stat(lock).st_mtime
-    except FileNotFoundError:
+    """Where torch guards a build with ``FileBaton`` (torch 2.11: ``torch/utils/file_baton.py``,
+    whose ``wait`` polls for as long as the file ``lock`` exists), a build killed mid-way
+    leaves the file and every later build waits for ever. Called holding
+    ``_one_build_at_a_time``, so no build of ours is running here: the file is stale.
+    torch 2.14 takes an OS file lock instead, whose file stays after every build, harmlessly."""
+    from torch.utils import cpp_extension
+
+    if "FileBaton" not in vars(cpp_extension) or not os.path.exists(lock):
         return
-    if age > STALE_LOCK_S:
-        warnings.warn(f"eplb_compile: removing {lock}, left {age:.0f} s ago by a build that did not finish",
-                      stacklevel=2)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(lock)
+    warnings.warn(f"eplb_compile: removing {lock}, left by a build that did not finish", stacklevel=2)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(lock)
 
 
 def _build_and_install() -> None:
