@@ -265,3 +265,37 @@ def test_a_pause_file_stops_writing_passes_and_the_report_says_so(tmp_path, caps
     assert run_report(str(tmp_path)) == 0
     out = capsys.readouterr().out
     assert "rank 0: 2 recorded steps not written while record_dir/PAUSE existed" in out
+
+
+def test_a_restarted_server_never_writes_over_the_earlier_runs_recording(tmp_path, caplog):
+    make_recording(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")}
+    with caplog.at_level(logging.WARNING):
+        recorder = make_recorder(tmp_path, 0)  # the same record_dir, chunk numbers from 0 again
+        recorder.on_map(0, -1, torch.zeros((LAYERS, PHYSICAL), dtype=torch.int64))
+        for step in range(4):
+            recorder.on_pass(0, step, torch.ones((LAYERS, PHYSICAL), dtype=torch.int32))
+        recorder.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"eplb_compile recorder: {tmp_path / 'rank0'} holds an earlier run's recording; not recording "
+        f"(point record_dir at a new or empty folder)"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")} == before
+
+
+def test_a_pause_counts_steps_not_each_models_pass(tmp_path):
+    recorder = make_recorder(tmp_path, 0, flush_every_steps=100)
+    recorder.add_model(ModelInfo("drafter", ["model.layers.9.mlp.experts"], LOGICAL, PHYSICAL, 2))
+    for model, layers in ((0, LAYERS), (1, 1)):
+        recorder.on_map(model, -1, torch.zeros((layers, PHYSICAL), dtype=torch.int64))
+    recorder.on_pass(0, 0, torch.ones((LAYERS, PHYSICAL), dtype=torch.int32))
+    recorder.wait_idle()
+    (tmp_path / "PAUSE").touch()
+    for step in (1, 2, 3):
+        recorder.on_pass(0, step, torch.ones((LAYERS, PHYSICAL), dtype=torch.int32))
+        recorder.on_pass(1, step, torch.ones((1, PHYSICAL), dtype=torch.int32))
+    recorder.wait_idle()
+    assert recorder.counters["paused_steps"] == 3
+    # Step 0, recorded before the pause, was written when the pause began, not left pending.
+    header, tensors = recording.read_chunk(str(tmp_path / "rank0" / "chunk-000000.safetensors"))
+    assert tensors["model0.steps"].tolist() == [0]
+    recorder.close()

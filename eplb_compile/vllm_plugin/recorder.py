@@ -17,7 +17,7 @@ warning and counts it (``counters``: in every later chunk and in the
 metrics); nothing here ever raises into the server.
 
 Recording can be paused while serving: while a file named ``PAUSE`` exists
-in ``record_dir``, recorded passes are not written (counted as
+in ``record_dir``, recorded passes are not written (the steps counted as
 ``paused_steps``), maps still are, and the exporter is still fed. A file,
 because vLLM's API reaches a running server's workers only through
 ``POST /collective_rpc``, which exists only with ``VLLM_SERVER_DEV_MODE=1``
@@ -28,11 +28,13 @@ some ranks only, and the report leaves them out and says so.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import queue
 import threading
 import time
+import uuid
 
 import torch
 
@@ -78,6 +80,16 @@ class Recorder:
         self._map_in_force: list[tuple[int, torch.Tensor] | None] = []  # per model, the last map taken
         self._chunk_map_in_force: list[tuple[int, torch.Tensor] | None] = []  # ... when the pending chunk began
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._paused_step: int | None = None  # the last step counted in paused_steps (each step once)
+        self.run_id = uuid.uuid4().hex  # in every chunk: a folder holding two runs' chunks is refused
+        if record_dir is not None and glob.glob(os.path.join(recording.rank_dir(record_dir, ep_rank),
+                                                             recording.CHUNK_GLOB)):
+            # Chunk numbers restart at 0 in a new run: writing here would overwrite the earlier
+            # run's files and splice the two into one recording.
+            self._logger.warning("eplb_compile recorder: %s holds an earlier run's recording; not recording "
+                                 "(point record_dir at a new or empty folder)",
+                                 recording.rank_dir(record_dir, ep_rank))
+            self.record_dir = None
         self._thread = threading.Thread(target=self._run, name="eplb_compile-recorder", daemon=True)
         self._thread.start()
 
@@ -185,7 +197,9 @@ class Recorder:
                 rank_load = data.reshape(data.shape[0], self.ep_size, -1).sum(dim=-1, dtype=torch.int64)
             self.exporter.on_pass(slot.model, data, rank_load)
         if self._pause_switch():
-            self.counters["paused_steps"] += 1
+            if slot.step != self._paused_step:  # a step, not each model's pass of it
+                self._paused_step = slot.step
+                self.counters["paused_steps"] += 1
             return
         pending["steps"].append(slot.step)
         pending["load"].append(data)
@@ -222,6 +236,8 @@ class Recorder:
         paused = self.record_dir is not None and os.path.exists(os.path.join(self.record_dir, PAUSE_FILE))
         if paused != self._paused:
             self._paused = paused
+            if paused:
+                self._flush()  # what was recorded before the pause goes to disk now, not at resume
             self._logger.info("eplb_compile recorder: rank %d %s recording (%s %s)", self.ep_rank,
                               "paused" if paused else "resumed", os.path.join(self.record_dir, PAUSE_FILE),
                               "exists" if paused else "removed")
