@@ -77,6 +77,10 @@ def logical_load_per_pass(load: np.ndarray, physical_to_logical: np.ndarray, num
     """
     load = np.asarray(load)
     index = np.broadcast_to(np.asarray(physical_to_logical), load.shape).astype(np.int64)
+    if index.size and (int(index.max()) >= num_logical or int(index.min()) < -1):
+        # Flattened below, such an entry would add its load to another layer's expert.
+        raise ValueError(f"physical_to_logical names logical experts {int(index.min())}..{int(index.max())}, "
+                         f"outside -1..{num_logical - 1}")
     index = np.where(index < 0, num_logical, index)
     rows = int(np.prod(load.shape[:-1]))
     offsets = (np.arange(rows, dtype=np.int64) * (num_logical + 1)).reshape(*load.shape[:-1], 1)
@@ -94,7 +98,15 @@ def _window(load) -> tuple[np.ndarray, object]:
         load = load.sum(dim=0)
     if load.dim() != 2:
         raise ValueError(f"load must be [layers, physical] or [steps, layers, physical], got {tuple(load.shape)}")
-    return load.detach().cpu().numpy(), load.device
+    return _numpy(load), load.device
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A tensor's values in numpy; dtypes numpy lacks (bfloat16) as float64."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    return (tensor.to(torch.float64) if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def _tensor(values: np.ndarray, device):
@@ -128,6 +140,5 @@ def imbalance_trtllm(load, ep_size: int):
 
 def logical_load(load, physical_to_logical, num_logical: int):
     """``[..., layers, physical]`` load summed onto logical experts (:func:`logical_load_per_pass`), int64."""
-    values = logical_load_per_pass(load.detach().cpu().numpy(), physical_to_logical.detach().cpu().numpy(),
-                                   num_logical)
+    values = logical_load_per_pass(_numpy(load), _numpy(physical_to_logical), num_logical)
     return _tensor(values, load.device)

@@ -8,6 +8,7 @@ import struct
 import pytest
 import torch
 
+from eplb_compile import metrics
 from eplb_compile.metrics import balancedness, imbalance_max_over_mean, imbalance_trtllm, rank_loads
 from eplb_compile.plots import imbalance_series, plot_imbalance_over_steps, plot_load_heatmap, write_example_figures
 
@@ -206,3 +207,18 @@ def test_numpy_per_pass_equals_the_torch_metrics_on_random_loads(steps, layers, 
     expected.scatter_add_(-1, maps.masked_fill(maps < 0, 11).expand(steps, -1, -1), load.long())
     assert logical.dtype == np.int64 and logical.tolist() == expected[..., :11].tolist()
     assert metrics.logical_load(load, maps, 11).tolist() == logical.tolist()
+
+
+def test_a_map_entry_past_the_logical_experts_is_refused_not_added_to_another_layer():
+    load = torch.ones((2, 4), dtype=torch.int32)
+    bad = torch.tensor([[0, 1, 5, 2], [0, 1, 2, 3]])  # 5 >= 4 logical experts
+    with pytest.raises(ValueError, match="outside -1..3"):
+        metrics.logical_load(load, bad, 4)
+    with pytest.raises(ValueError, match="outside -1..3"):
+        metrics.logical_load(load, torch.full((2, 4), -2), 4)
+
+
+def test_bfloat16_loads_have_metrics():
+    load = torch.tensor([[3.0, 1.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    assert metrics.imbalance_max_over_mean(load, 2).tolist() == [2.0]
+    assert metrics.balancedness(load, 2) == 0.5
