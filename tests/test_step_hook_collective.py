@@ -67,3 +67,24 @@ def test_no_collective_without_metrics(monkeypatch):
     step(state)
     step(state, is_dummy=True)
     recorder.close()
+
+
+def test_a_dummy_step_is_recorded_as_zeros_so_the_step_stays_in_the_recording(tmp_path):
+    from eplb_compile import recording
+
+    state = StandIn(gate_steps={0, 1})
+    recorder = Recorder(record_dir=str(tmp_path), flush_every_steps=10, ring_steps=8, ep_rank=0, ep_size=EP_SIZE,
+                        versions={})
+    recorder.add_model(ModelInfo("m", ["layers.0", "layers.1"], PHYSICAL, PHYSICAL, 4))
+    recorder.map_versions.append(vllm_surface.map_version(state.model_states["m"]))
+    recorder.on_map(0, -1, state.model_states["m"].physical_to_logical_map)
+    state._eplb_compile_recorder = recorder
+    step = eplb_step_hook._wrap_step(StandIn.step)
+    step(state)
+    step(state, is_dummy=True)  # this DP rank had no requests; its peers served tokens at this step
+    recorder.close()
+    (path,) = sorted((tmp_path / "rank0").iterdir())
+    _, tensors = recording.read_chunk(str(path))
+    assert tensors["model0.steps"].tolist() == [0, 1]
+    assert tensors["model0.load"][0].tolist() == state.model_states["m"].expert_load_pass.tolist()
+    assert not tensors["model0.load"][1].any()

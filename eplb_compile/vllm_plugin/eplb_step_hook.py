@@ -159,8 +159,11 @@ def _wrap_step(stock_step):
                 if recorder.sums_rank_load_over_ep:
                     rank_load = _rank_load(load, recorder.ep_size, zero=is_dummy)
                     vllm_surface.all_reduce_over_ep(rank_load)
-                if not is_dummy:
-                    recorder.on_pass(index, number, load, rank_load)
+                # A dummy step is a DP rank without requests keeping step with its peers
+                # (vLLM's execute_dummy_batch; warm-up and capture runs skip EPLB): it
+                # served no tokens, and vLLM zeroes its pass. Recorded as zeros, the step
+                # stays in the EP-global recording instead of being left out for every rank.
+                recorder.on_pass(index, number, torch.zeros_like(load) if is_dummy else load, rank_load)
         stock_step(self, is_dummy, is_profile, log_stats)
         # A sync rearrangement commits inside the step, an async one during a later one.
         _record_changed_maps(recorder, model_states, number)
