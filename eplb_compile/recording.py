@@ -24,8 +24,8 @@ is 0, a drafter 1):
   chunk, so that every chunk says alone which map routed each of its passes.
 
 The safetensors metadata key ``HEADER_KEY`` holds a JSON header: format name
-and version, chunk sequence number, whether it is the recorder's last
-(``final``), EP rank and size, the recorder's counters (steps dropped because
+and version, the recorder run's id (``run_id``; absent in older files), chunk
+sequence number, whether it is the recorder's last (``final``), EP rank and size, the recorder's counters (steps dropped because
 the ring was full or a flush failed, failed flushes) as of this flush, the
 vLLM and eplb_compile versions, and per model a ``ModelInfo`` (name, layer
 names, logical and physical expert counts, EPLB window size). Reading needs
@@ -95,9 +95,11 @@ def rank_dir(record_dir: str, ep_rank: int) -> str:
 
 
 def make_header(chunk: int, ep_rank: int, ep_size: int, versions: dict[str, str], models: list[ModelInfo],
-                *, final: bool = False, counters: dict[str, int] | None = None) -> dict:
+                *, final: bool = False, counters: dict[str, int] | None = None,
+                run_id: str | None = None) -> dict:
+    """``run_id``: one value per recorder run, so that two runs written into one folder are told apart."""
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "chunk": chunk, "final": final, "ep_rank": ep_rank,
-            "ep_size": ep_size, "counters": dict(counters or {}), **versions,
+            "ep_size": ep_size, "run_id": run_id, "counters": dict(counters or {}), **versions,
             "models": [asdict(m) for m in models]}
 
 

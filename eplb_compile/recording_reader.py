@@ -62,6 +62,8 @@ def read_recording(path: str) -> Recording:
             continue
         chunks.setdefault(rank, {})[number] = (header, tensors)
         chunk_files.setdefault(rank, {})[number] = file
+    for rank in sorted(chunks):
+        _check_one_run(path, rank, chunks[rank])
     while True:  # once, unless a chunk's loads fail their check: then again without it
         recording = _plan(path, chunks, unreadable)
         failed = _sum_loads(recording, chunks, chunk_files)
@@ -72,6 +74,27 @@ def read_recording(path: str) -> Recording:
             unreadable.setdefault(rank, {})[number] = why
             if not chunks[rank]:
                 del chunks[rank]
+
+
+def _check_one_run(path: str, rank: int, chunks: dict[int, tuple[dict, dict]]) -> None:
+    """RecordingError unless one rank's readable chunks are of one recorder run: one ``run_id`` (None, in
+    older files, counts as one) and no step in two chunks. A restarted server recording into the same folder
+    numbers its chunks from 0 again and overwrites some: summing such a folder would count steps twice."""
+    run_ids = {header.get("run_id") for header, _ in chunks.values()}
+    if len(run_ids) > 1:
+        raise RecordingError(f"{path}: rank{rank} holds chunks of {len(run_ids)} runs "
+                             f"({', '.join(sorted(map(str, run_ids)))}); record each run into its own folder")
+    seen: dict[tuple[str, int], int] = {}  # (steps tensor, step) -> the chunk holding it
+    for number, (_, tensors) in sorted(chunks.items()):
+        for key, steps in tensors.items():
+            if not key.endswith(".steps"):
+                continue
+            for step in steps.tolist():
+                if (key, step) in seen:
+                    raise RecordingError(f"{path}: rank{rank} chunks {seen[key, step]} and {number} both hold step "
+                                         f"{step} ({key}): two runs in one folder? record each run into its own "
+                                         f"folder")
+                seen[key, step] = number
 
 
 def _plan(path: str, chunks: dict, unreadable: dict) -> Recording:

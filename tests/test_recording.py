@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 
 from eplb_compile import recording
@@ -13,8 +14,8 @@ from eplb_compile.recording import START_UP_STEP, ModelInfo, ModelSteps
 INFO = ModelInfo("m", ["layers.0", "layers.1"], 3, 4, 2)
 
 
-def _write(record_dir, rank, chunk, steps):
-    header = recording.make_header(chunk, rank, 2, {"vllm_version": "x"}, [INFO])
+def _write(record_dir, rank, chunk, steps, **header_options):
+    header = recording.make_header(chunk, rank, 2, {"vllm_version": "x"}, [INFO], **header_options)
     return recording.write_chunk(str(record_dir), header, recording.chunk_tensors([INFO], [steps]))
 
 
@@ -41,6 +42,33 @@ def test_steps_whose_map_no_chunk_holds_are_left_out_and_said(tmp_path):
     read = recording.read_recording(str(tmp_path))
     assert read.models[0][1].steps == []
     assert "model 'm': steps 0 left out: the map that routed them is in no readable chunk" in read.damage
+
+
+def _steps(steps, with_map=True):
+    maps = torch.zeros(1 if with_map else 0, 2, 4, dtype=torch.int64)
+    return ModelSteps(steps, torch.ones(len(steps), 2, 4, dtype=torch.int32), [START_UP_STEP] if with_map else [], maps)
+
+
+@pytest.mark.parametrize("second_run", ["b", None])
+def test_chunks_of_two_runs_in_one_rank_folder_are_refused(tmp_path, second_run):
+    """A server restarted into the same folder: its chunks are numbered from 0 again, some overwrite the first
+    run's. Summing them would count steps twice; the reader says so instead (an id missing counts as one)."""
+    for rank in (0, 1):
+        _write(tmp_path, rank, 0, _steps([0, 1]), run_id="a")
+    _write(tmp_path, 0, 1, _steps([7], with_map=False), run_id=second_run)
+    with pytest.raises(recording.RecordingError) as raised:
+        recording.read_recording(str(tmp_path))
+    assert str(raised.value) == (f"{tmp_path}: rank0 holds chunks of 2 runs ({', '.join(sorted(['a', str(second_run)]))})"
+                                 "; record each run into its own folder")
+
+
+def test_a_step_in_two_chunks_of_one_rank_is_refused_not_counted_twice(tmp_path):
+    for rank in (0, 1):
+        _write(tmp_path, rank, 0, _steps([0, 1]))
+        _write(tmp_path, rank, 1, _steps([2], with_map=False))
+    _write(tmp_path, 1, 2, _steps([1, 3], with_map=False))  # older files: no run id to tell the runs apart
+    with pytest.raises(recording.RecordingError, match=r"rank1 chunks 0 and 2 both hold step 1 "):
+        recording.read_recording(str(tmp_path))
 
 
 def test_the_report_reads_through_the_format_module_only():
