@@ -30,7 +30,8 @@ the ring was full or a flush failed, failed flushes) as of this flush, the
 vLLM and eplb_compile versions, and per model a ``ModelInfo`` (name, layer
 names, logical and physical expert counts, EPLB window size). Reading needs
 safetensors, not vLLM and not a GPU. The header also holds a CRC-32 per
-tensor, so flipped bytes are found, not read as load.
+tensor and one of itself (``header_crc32``; older files have none), so flipped
+bytes are found, not read as load or as another run's header.
 
 Reading is numpy's, never torch's (``eplb-compile report`` must not pay
 torch's import): ``read_chunk`` reads and checks one file; ``read_recording``
@@ -136,6 +137,7 @@ def write_chunk(record_dir: str, header: dict, tensors: dict[str, np.ndarray]) -
     final = os.path.join(folder, f"chunk-{header['chunk']:06d}.safetensors")
     temporary = final + ".tmp"
     header = {**header, "crc32": {name: _crc32(tensor) for name, tensor in tensors.items()}}
+    header["header_crc32"] = _header_crc32(header)
     try:
         save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header)})
         os.replace(temporary, final)
@@ -150,6 +152,12 @@ def _host_array(values, dtype=None) -> np.ndarray:
     if not isinstance(values, np.ndarray):
         values = values.numpy()
     return np.ascontiguousarray(values, dtype=dtype)
+
+
+def _header_crc32(header: dict) -> int:
+    """Of the header but its checksums, as canonical JSON: a flipped byte in a layer name or a counter is found."""
+    checked = {key: value for key, value in header.items() if key not in ("crc32", "header_crc32")}
+    return zlib.crc32(json.dumps(checked, sort_keys=True).encode())
 
 
 def _crc32(tensor) -> int:
@@ -186,15 +194,19 @@ def read_chunk(file: str, *, with_loads: bool = True) -> tuple[dict, dict[str, n
             tensors = {key: handle.get_tensor(key) for key in handle.keys() if with_loads or not _is_load(key)}
     except Exception as error:  # safetensors raises its own error type for a cut file
         raise DamagedChunk(f"{file}: truncated or corrupt ({str(error).splitlines()[0]})") from None
+    if HEADER_KEY not in metadata:
+        raise RecordingError(f"{file}: not a recording (no {HEADER_KEY!r} header)")
     try:
         header = json.loads(metadata[HEADER_KEY])
-    except (KeyError, ValueError):
-        raise RecordingError(f"{file}: not a recording (no {HEADER_KEY!r} header)") from None
+    except ValueError:
+        raise RecordingError(f"{file}: not a recording (its {HEADER_KEY!r} header is not JSON)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise RecordingError(f"{file}: not a recording (format {header.get('format') if isinstance(header, dict) else header!r})")
     if header.get("version") != FORMAT_VERSION:
         raise RecordingError(f"{file}: unknown format version {header.get('version')!r} "
                              f"(this eplb_compile reads version {FORMAT_VERSION})")
+    if "header_crc32" in header and header["header_crc32"] != _header_crc32(header):  # older files have none
+        raise DamagedChunk(f"{file}: malformed chunk (its header fails its checksum)")
     problem = _chunk_problem(header, tensors, layouts)
     if problem:
         raise DamagedChunk(f"{file}: malformed chunk ({problem})")

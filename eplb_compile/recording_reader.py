@@ -13,7 +13,10 @@ read once, CRC-checked, checked for negative counts and summed into one
 memory at a time. A chunk whose loads fail that check is read around like any
 damaged chunk: the first pass's decisions are made again without it (and the
 loads read again), so the result is the one a reader that checked everything
-first would give.
+first would give. A file that is no chunk of this version (its header
+unparseable, or of another version) among readable chunks is a damaged chunk
+too: one flipped byte must not stop the report; only a folder with no readable
+chunk is refused for it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def read_recording(path: str) -> Recording:
     chunks: dict[int, dict[int, tuple[dict, dict]]] = {}  # their loads left out: read once, when summed
     chunk_files: dict[int, dict[int, str]] = {}
     unreadable: dict[int, dict[int, str]] = {}
+    not_chunks: dict[tuple[int, int], str] = {}  # (rank, number): why the file is no chunk this reader knows
     for file in files:
         rank_match = _RANK_DIR.search(os.path.dirname(file))
         chunk_match = _CHUNK_FILE.search(os.path.basename(file))
@@ -56,12 +60,19 @@ def read_recording(path: str) -> Recording:
         except DamagedChunk as error:
             unreadable.setdefault(rank, {})[number] = str(error)
             continue
+        except RecordingError as error:  # no header, or a version unknown here: a flipped byte, or no recording
+            not_chunks[rank, number] = str(error)
+            continue
         if (header["ep_rank"], header["chunk"]) != (rank, number):
             unreadable.setdefault(rank, {})[number] = f"{file}: malformed chunk (its header says rank " \
                                                       f"{header['ep_rank']} chunk {header['chunk']})"
             continue
         chunks.setdefault(rank, {})[number] = (header, tensors)
         chunk_files.setdefault(rank, {})[number] = file
+    if not_chunks and not chunks:  # nothing readable: the folder is not a recording (of this version)
+        raise RecordingError(not_chunks[min(not_chunks)])
+    for (rank, number), why in not_chunks.items():  # among readable chunks: a damaged one
+        unreadable.setdefault(rank, {})[number] = why
     for rank in sorted(chunks):
         _check_one_run(path, rank, chunks[rank])
     while True:  # once, unless a chunk's loads fail their check: then again without it
