@@ -25,9 +25,10 @@ is 0, a drafter 1):
 
 The safetensors metadata key ``HEADER_KEY`` holds a JSON header: format name
 and version, the recorder run's id (``run_id``; absent in older files), chunk
-sequence number, whether it is the recorder's last (``final``), EP rank and size, the recorder's counters (steps dropped because
-the ring was full or a flush failed, failed flushes) as of this flush, the
-vLLM and eplb_compile versions, and per model a ``ModelInfo`` (name, layer
+sequence number, whether it is the recorder's last (``final``), EP rank and
+size, the recorder's counters (steps dropped because the ring was full or a
+flush failed, failed flushes) as of this flush, the vLLM and eplb_compile
+versions, and per model a ``ModelInfo`` (name, layer
 names, logical and physical expert counts, EPLB window size). Reading needs
 safetensors, not vLLM and not a GPU. The header also holds a CRC-32 per
 tensor and one of itself (``header_crc32``; older files have none), so flipped
@@ -297,9 +298,10 @@ def _negative(name: str, load: np.ndarray) -> str | None:
     return f"{name} has negative counts" if load.size and int(load.min()) < 0 else None
 
 
-def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.ndarray, str | None]:
+def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.ndarray | None, str | None]:
     """One model's load of a chunk ``read_chunk`` read without loads, and what is wrong with it (or None):
-    the checks it was spared then (its checksum, no negative count). RecordingError if the file cannot be read."""
+    the checks it was spared then (its checksum, no negative count); no load if the file can no longer be
+    read (deleted or cut since its header was read)."""
     from safetensors import safe_open
 
     name = f"model{model}.load"
@@ -307,7 +309,7 @@ def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.nda
         with safe_open(file, "np") as handle:
             load = handle.get_tensor(name)
     except Exception as error:  # changed since its header was read
-        raise RecordingError(f"{file}: unreadable on the second read ({str(error).splitlines()[0]})") from None
+        return None, f"unreadable on the second read ({str(error).splitlines()[0]})"
     if load.dtype != np.int32 or load.shape != shape:
         return load, f"{name} changed since its header was read"
     return load, f"{name} fails its checksum" if header["crc32"][name] != _crc32(load) else _negative(name, load)

@@ -13,7 +13,7 @@ read once, CRC-checked, checked for negative counts and summed into one
 memory at a time. A chunk whose loads fail that check is read around like any
 damaged chunk: the first pass's decisions are made again without it (and the
 loads read again), so the result is the one a reader that checked everything
-first would give. A file that is no chunk of this version (its header
+first would give; so is one deleted or cut between the two passes. A file that is no chunk of this version (its header
 unparseable, or of another version) among readable chunks is a damaged chunk
 too: one flipped byte must not stop the report; only a folder with no readable
 chunk is refused for it.
@@ -162,7 +162,7 @@ def _sum_loads(recording: Recording, chunks: dict, files: dict) -> dict[tuple[in
                 steps = tensors[f"model{model}.steps"].tolist()
                 load, problem = read_load(file, header, model, (len(steps), *summed.load.shape[1:]))
                 if problem:
-                    failed[rank, number] = f"{file}: malformed chunk ({problem})"
+                    failed[rank, number] = f"{file}: " + (problem if load is None else f"malformed chunk ({problem})")
                     break
                 if not failed:
                     _add_rows(summed.load, load, steps, row_of)

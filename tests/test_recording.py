@@ -58,8 +58,9 @@ def test_chunks_of_two_runs_in_one_rank_folder_are_refused(tmp_path, second_run)
     _write(tmp_path, 0, 1, _steps([7], with_map=False), run_id=second_run)
     with pytest.raises(recording.RecordingError) as raised:
         recording.read_recording(str(tmp_path))
-    assert str(raised.value) == (f"{tmp_path}: rank0 holds chunks of 2 runs ({', '.join(sorted(['a', str(second_run)]))})"
-                                 "; record each run into its own folder")
+    run_ids = ", ".join(sorted(["a", str(second_run)]))
+    assert str(raised.value) == (f"{tmp_path}: rank0 holds chunks of 2 runs ({run_ids}); record each run into its "
+                                 "own folder")
 
 
 def test_a_step_in_two_chunks_of_one_rank_is_refused_not_counted_twice(tmp_path):

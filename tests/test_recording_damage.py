@@ -176,6 +176,29 @@ def test_a_load_that_fails_its_checksum_is_read_around_and_the_rest_summed_once(
     assert "chunk-000001.safetensors: malformed chunk (model0.load fails its checksum)" in summary["damage"][0]
 
 
+@pytest.mark.parametrize("change", ["deleted", "cut"])
+def test_a_chunk_lost_between_the_two_passes_is_read_around(tmp_path, capsys, monkeypatch, change):
+    """A chunk deleted or cut after its header was read (a cleanup job, a restarted writer) is read around
+    like a chunk whose loads fail their checksum."""
+    from eplb_compile import recording_reader
+
+    made = make_recording(tmp_path)
+    path = tmp_path / "rank1" / "chunk-000001.safetensors"
+    read_load = recording_reader.read_load
+
+    def losing_the_chunk_first(file, *args):
+        if file == str(path) and path.exists():
+            path.unlink() if change == "deleted" else path.write_bytes(path.read_bytes()[:100])
+        return read_load(file, *args)
+
+    monkeypatch.setattr(recording_reader, "read_load", losing_the_chunk_first)
+    summary = report_json(capsys, tmp_path)
+    (model,) = summary["models"]
+    assert [s["step"] for s in model["steps"]] == [0, 1, 6]
+    assert model["logical_load"] == expected_logical(made, {0: 0, 1: 0, 6: 1})
+    assert summary["damage"][0].startswith(f"rank 1 chunk 1 lost: {path}: unreadable on the second read (")
+
+
 def test_a_killed_writer_leaves_no_closing_chunk_and_the_report_says_so(tmp_path, capsys):
     make_recording(tmp_path)  # rank 1 keeps this one; rank 0 is re-recorded by a process killed mid-run
     for chunk in (tmp_path / "rank0").iterdir():
