@@ -21,6 +21,7 @@ chunk is refused for it.
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 import re
@@ -194,27 +195,46 @@ def _agreed_maps(path: str, name: str, per_rank: list[ModelSteps]) -> dict[int, 
 
 
 def _rank_damage(rank: int, chunks: dict[int, tuple[dict, dict]], unreadable: dict[int, str]) -> list[str]:
-    """One line per chunk of this rank that is missing or unusable, and for a recording that did not close."""
-    def steps_of(number: int) -> list[int]:
-        tensors = chunks[number][1]
-        return sorted(s for key, t in tensors.items() if key.endswith(".steps") for s in t.tolist())
-
+    """One line per run of consecutive chunks of this rank that are missing or unusable for one reason, and
+    for a recording that did not close. Linear in the chunks: a long outage loses thousands."""
+    numbers = sorted(chunks)
+    bounds = {}  # chunk number -> its (lowest, highest) step, over its models; chunks without steps left out
+    for number in numbers:
+        steps = [t for key, t in chunks[number][1].items() if key.endswith(".steps") and len(t)]
+        if steps:
+            bounds[number] = (min(int(t.min()) for t in steps), max(int(t.max()) for t in steps))
+    highest_up_to, highest = [], None  # highest_up_to[i]: the highest step of numbers[:i + 1]
+    for number in numbers:
+        if number in bounds:
+            highest = bounds[number][1] if highest is None else max(highest, bounds[number][1])
+        highest_up_to.append(highest)
+    lowest_from, lowest = [None] * len(numbers), None  # lowest_from[i]: the lowest step of numbers[i:]
+    for i in range(len(numbers) - 1, -1, -1):
+        if numbers[i] in bounds:
+            lowest = bounds[numbers[i]][0] if lowest is None else min(lowest, bounds[numbers[i]][0])
+        lowest_from[i] = lowest
     lines = []
     last = max([*chunks, *unreadable])
-    for number in range(last + 1):
-        if number in chunks:
-            continue
-        before = [s for n in chunks if n < number for s in steps_of(n)]
-        after = [s for n in chunks if n > number for s in steps_of(n)]
-        bounds = ([f"after {max(before)}"] if before else []) + ([f"before {min(after)}"] if after else [])
-        span = " ".join(["steps", " and ".join(bounds)]).strip()
-        why = unreadable.get(number, "absent (a failed flush: full disk or write error, or a deleted file)")
-        lines.append(f"rank {rank} chunk {number} lost: {why}; its {span} and any map committed then are not "
-                     f"in the recording of rank {rank}")
+    lost = [n for n in range(last + 1) if n not in chunks]
+    absent = "absent (a failed flush: full disk or write error, or a deleted file)"
+    i = 0
+    while i < len(lost):  # a run: consecutive numbers lost for one reason (no readable chunk between them)
+        first, why = lost[i], unreadable.get(lost[i], absent)
+        while i + 1 < len(lost) and lost[i + 1] == lost[i] + 1 and unreadable.get(lost[i + 1], absent) == why:
+            i += 1
+        end, i = lost[i], i + 1
+        at = bisect.bisect_left(numbers, first)  # the readable chunks before it: numbers[:at]
+        before = highest_up_to[at - 1] if at else None
+        after = lowest_from[at] if at < len(numbers) else None
+        span = " and ".join(([f"after {before}"] if before is not None else [])
+                            + ([f"before {after}"] if after is not None else []))
+        span = f"steps {span}" if span else "steps"
+        what = f"chunk {first} lost: {why}; its" if first == end else f"chunks {first}-{end} lost: {why}; their"
+        lines.append(f"rank {rank} {what} {span} and any map committed then are not in the recording of rank {rank}")
     if not chunks[max(chunks)][0].get("final") and last == max(chunks):
-        recorded = [s for n in chunks for s in steps_of(n)]
         lines.append(f"rank {rank}: no closing chunk (the recorder was killed, or is still running): steps after "
-                     f"{max(recorded) if recorded else 'the start'} are not in the recording of rank {rank}")
+                     f"{highest_up_to[-1] if highest_up_to[-1] is not None else 'the start'} are not in the "
+                     f"recording of rank {rank}")
     counters = chunks[max(chunks)][0].get("counters", {})
     if any(counters.get(key) for key in ("dropped_ring_full", "dropped_write_error", "write_errors")):
         lines.append(f"rank {rank} dropped {counters.get('dropped_ring_full', 0)} recorded steps because its ring was "
