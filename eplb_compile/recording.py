@@ -315,12 +315,12 @@ def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.nda
     return load, f"{name} fails its checksum" if header["crc32"][name] != _crc32(load) else _negative(name, load)
 
 
-def read_recording(path: str) -> Recording:
-    """Every rank's chunks, the passes summed over ranks at the steps every rank recorded
-    (:func:`eplb_compile.recording_reader.read_recording`)."""
+def read_recording(path: str, steps: tuple[int | None, int | None] = (None, None)) -> Recording:
+    """Every rank's chunks, the passes summed over ranks at the steps every rank recorded, of those
+    ``first <= step < last`` (:func:`eplb_compile.recording_reader.read_recording`)."""
     from eplb_compile.recording_reader import read_recording as read_folder
 
-    return read_folder(path)
+    return read_folder(path, steps)
 
 
 def concat_chunks(chunks: list[tuple[dict, dict]], model: int) -> ModelSteps:

@@ -35,9 +35,11 @@ _RANK_DIR = re.compile(r"rank(\d+)$")
 _CHUNK_FILE = re.compile(r"chunk-(\d+)\.safetensors$")
 
 
-def read_recording(path: str) -> Recording:
+def read_recording(path: str, steps: tuple[int | None, int | None] = (None, None)) -> Recording:
     """Every rank's chunks, the passes summed over ranks at the steps every rank recorded.
 
+    ``steps``: only the steps ``first <= step < last`` (None: open) are summed, so memory follows
+    the range; maps, damage and the count of steps left out stay those of the whole recording.
     Damaged or missing chunks are read around and said in ``damage``; RecordingError
     (one line) for a folder that is not a recording, or one with nothing usable.
     """
@@ -77,7 +79,7 @@ def read_recording(path: str) -> Recording:
     for rank in sorted(chunks):
         _check_one_run(path, rank, chunks[rank])
     while True:  # once, unless a chunk's loads fail their check: then again without it
-        recording = _plan(path, chunks, unreadable)
+        recording = _plan(path, chunks, unreadable, steps)
         failed = _sum_loads(recording, chunks, chunk_files)
         if not failed:
             return recording
@@ -109,8 +111,10 @@ def _check_one_run(path: str, rank: int, chunks: dict[int, tuple[dict, dict]]) -
                 seen[key, step] = number
 
 
-def _plan(path: str, chunks: dict, unreadable: dict) -> Recording:
-    """The recording the readable chunks make, its loads still zero: which steps, maps and losses."""
+def _plan(path: str, chunks: dict, unreadable: dict, step_range: tuple[int | None, int | None]) -> Recording:
+    """The recording the readable chunks make, its loads still zero: which steps (of ``step_range``),
+    maps and losses."""
+    first, last = step_range
     if not chunks:
         first = min((why for by_number in unreadable.values() for why in by_number.values()),
                     default="no file named rank<r>/chunk-<n>.safetensors")
@@ -143,6 +147,7 @@ def _plan(path: str, chunks: dict, unreadable: dict) -> Recording:
             damage.append(f"model {info['name']!r}: steps {_ranges(unrouted)} left out: the map that routed them "
                           f"is in no readable chunk")
             common = [step for step in common if step not in unrouted]
+        common = [step for step in common if (first is None or step >= first) and (last is None or step < last)]
         load = np.zeros((len(common), len(info["layer_names"]), info["num_physical"]), dtype=np.int64)
         map_steps = sorted(maps)
         stacked = np.stack([maps[s] for s in map_steps]) if maps else per_rank[0].maps

@@ -93,3 +93,31 @@ def test_the_numpy_writer_writes_the_bytes_safetensors_torch_writes(tmp_path):
     assert tensors["model0.load"].dtype == torch.int32 and tensors["model0.maps"].dtype == torch.int64
     save_file(tensors, str(tmp_path / "torch.safetensors"), metadata=metadata)
     assert (tmp_path / "torch.safetensors").read_bytes() == Path(path).read_bytes()
+
+
+def test_a_step_range_sums_only_its_steps_and_the_report_gives_what_it_gives_for_the_whole(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """``--steps`` bounds the reader's buffers, not only what is printed: the reader sums the range's steps,
+    and the report (maps, rearrangements, damage) is the one it gives from the whole recording."""
+    import json
+
+    from tests.test_report import make_recording, run_report
+
+    from eplb_compile import report
+
+    make_recording(tmp_path)  # steps 0, 1, 3, 4, 6; the map changes at 3
+    (tmp_path / "rank1" / "chunk-000002.safetensors").unlink()  # rank 1 loses step 6: a damage line
+    whole = recording.read_recording(str(tmp_path))
+    ranged = recording.read_recording(str(tmp_path), steps=(1, 4))
+    (_, whole_steps), = whole.models
+    (_, ranged_steps), = ranged.models
+    assert ranged_steps.steps == [1, 3] and ranged_steps.load.shape[0] == 2
+    assert (ranged_steps.load == whole_steps.load[1:3]).all()
+    assert ranged_steps.map_steps == whole_steps.map_steps and (ranged_steps.maps == whole_steps.maps).all()
+    assert ranged.damage == whole.damage and ranged.steps_missing_on_some_rank == whole.steps_missing_on_some_rank
+    read = []
+    monkeypatch.setattr(report, "read_recording",
+                        lambda *args: read.append(recording.read_recording(*args)) or read[-1])
+    assert run_report(str(tmp_path), "--json", "--steps", "1:4") == 0
+    assert [s.steps for _, s in read[0].models] == [[1, 3]]
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report.summarize(whole, steps=(1, 4))))
