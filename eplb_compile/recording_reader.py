@@ -116,8 +116,9 @@ def _plan(path: str, chunks: dict, unreadable: dict, step_range: tuple[int | Non
     maps and losses."""
     first, last = step_range
     if not chunks:
-        first = min((why for by_number in unreadable.values() for why in by_number.values()),
-                    default="no file named rank<r>/chunk-<n>.safetensors")
+        lowest = min(unreadable, default=None)  # the lowest rank's lowest chunk (not the alphabetically first)
+        first = unreadable[lowest][min(unreadable[lowest])] if unreadable else \
+            "no file named rank<r>/chunk-<n>.safetensors"
         raise RecordingError(f"{path}: no readable chunk; first: {first}")
     header = chunks[min(chunks)][min(chunks[min(chunks)])][0]
     ep_size = header["ep_size"]
@@ -146,7 +147,8 @@ def _plan(path: str, chunks: dict, unreadable: dict, step_range: tuple[int | Non
         if unrouted:  # no chunk says which map routed them: never guess one
             damage.append(f"model {info['name']!r}: steps {_ranges(unrouted)} left out: the map that routed them "
                           f"is in no readable chunk")
-            common = [step for step in common if step not in unrouted]
+            unrouted_set = set(unrouted)
+            common = [step for step in common if step not in unrouted_set]
         common = [step for step in common if (first is None or step >= first) and (last is None or step < last)]
         load = np.zeros((len(common), len(info["layer_names"]), info["num_physical"]), dtype=np.int64)
         map_steps = sorted(maps)

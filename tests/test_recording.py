@@ -121,3 +121,14 @@ def test_a_step_range_sums_only_its_steps_and_the_report_gives_what_it_gives_for
     assert run_report(str(tmp_path), "--json", "--steps", "1:4") == 0
     assert [s.steps for _, s in read[0].models] == [[1, 3]]
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report.summarize(whole, steps=(1, 4))))
+
+
+def test_with_no_readable_chunk_the_lowest_rank_and_chunk_is_named_first(tmp_path):
+    for rank, chunk in ((10, 0), (2, 10), (2, 9)):  # alphabetically rank10/ comes before rank2/
+        folder = tmp_path / f"rank{rank}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"chunk-{chunk:06d}.safetensors").write_bytes(b"cut")
+    with pytest.raises(recording.RecordingError) as raised:
+        recording.read_recording(str(tmp_path))
+    assert str(raised.value).startswith(f"{tmp_path}: no readable chunk; first: {tmp_path}/rank2/chunk-000009."
+                                        f"safetensors: truncated or corrupt (")
