@@ -138,7 +138,7 @@ def write_chunk(record_dir: str, header: dict, tensors: dict[str, np.ndarray]) -
     final = os.path.join(folder, f"chunk-{header['chunk']:06d}.safetensors")
     temporary = final + ".tmp"
     header = {**header, "crc32": {name: _crc32(tensor) for name, tensor in tensors.items()}}
-    header["header_crc32"] = _header_crc32(header)
+    header["header_crc32"] = _header_crc32(json.loads(json.dumps(header)))  # of what the reader will parse
     try:
         save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header)})
         os.replace(temporary, final)

@@ -132,3 +132,11 @@ def test_with_no_readable_chunk_the_lowest_rank_and_chunk_is_named_first(tmp_pat
         recording.read_recording(str(tmp_path))
     assert str(raised.value).startswith(f"{tmp_path}: no readable chunk; first: {tmp_path}/rank2/chunk-000009."
                                         f"safetensors: truncated or corrupt (")
+
+
+def test_the_header_checksum_is_of_the_header_as_read_back(tmp_path):
+    """JSON turns int keys into strings, which sort otherwise: the checksum is of what the reader parses."""
+    header = recording.make_header(0, 0, 2, {"vllm_version": "x"}, [INFO], counters={2: 1, 10: 3}, run_id="u")
+    path = recording.write_chunk(str(tmp_path), header, recording.chunk_tensors([INFO], [_steps([0])]))
+    read, _ = recording.read_chunk(path)
+    assert read["run_id"] == "u" and read["counters"] == {"2": 1, "10": 3}
