@@ -24,13 +24,15 @@ is 0, a drafter 1):
   chunk, so that every chunk says alone which map routed each of its passes.
 
 The safetensors metadata key ``HEADER_KEY`` holds a JSON header: format name
-and version, chunk sequence number, whether it is the recorder's last
-(``final``), EP rank and size, the recorder's counters (steps dropped because
-the ring was full or a flush failed, failed flushes) as of this flush, the
-vLLM and eplb_compile versions, and per model a ``ModelInfo`` (name, layer
+and version, the recorder run's id (``run_id``; absent in older files), chunk
+sequence number, whether it is the recorder's last (``final``), EP rank and
+size, the recorder's counters (steps dropped because the ring was full or a
+flush failed, failed flushes) as of this flush, the vLLM and eplb_compile
+versions, and per model a ``ModelInfo`` (name, layer
 names, logical and physical expert counts, EPLB window size). Reading needs
 safetensors, not vLLM and not a GPU. The header also holds a CRC-32 per
-tensor, so flipped bytes are found, not read as load.
+tensor and one of itself (``header_crc32``; older files have none), so flipped
+bytes are found, not read as load or as another run's header.
 
 Reading is numpy's, never torch's (``eplb-compile report`` must not pay
 torch's import): ``read_chunk`` reads and checks one file; ``read_recording``
@@ -95,9 +97,11 @@ def rank_dir(record_dir: str, ep_rank: int) -> str:
 
 
 def make_header(chunk: int, ep_rank: int, ep_size: int, versions: dict[str, str], models: list[ModelInfo],
-                *, final: bool = False, counters: dict[str, int] | None = None) -> dict:
+                *, final: bool = False, counters: dict[str, int] | None = None,
+                run_id: str | None = None) -> dict:
+    """``run_id``: one value per recorder run, so that two runs written into one folder are told apart."""
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "chunk": chunk, "final": final, "ep_rank": ep_rank,
-            "ep_size": ep_size, "counters": dict(counters or {}), **versions,
+            "ep_size": ep_size, "run_id": run_id, "counters": dict(counters or {}), **versions,
             "models": [asdict(m) for m in models]}
 
 
@@ -134,6 +138,7 @@ def write_chunk(record_dir: str, header: dict, tensors: dict[str, np.ndarray]) -
     final = os.path.join(folder, f"chunk-{header['chunk']:06d}.safetensors")
     temporary = final + ".tmp"
     header = {**header, "crc32": {name: _crc32(tensor) for name, tensor in tensors.items()}}
+    header["header_crc32"] = _header_crc32(json.loads(json.dumps(header)))  # of what the reader will parse
     try:
         save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header)})
         os.replace(temporary, final)
@@ -148,6 +153,12 @@ def _host_array(values, dtype=None) -> np.ndarray:
     if not isinstance(values, np.ndarray):
         values = values.numpy()
     return np.ascontiguousarray(values, dtype=dtype)
+
+
+def _header_crc32(header: dict) -> int:
+    """Of the header but its checksums, as canonical JSON: a flipped byte in a layer name or a counter is found."""
+    checked = {key: value for key, value in header.items() if key not in ("crc32", "header_crc32")}
+    return zlib.crc32(json.dumps(checked, sort_keys=True).encode())
 
 
 def _crc32(tensor) -> int:
@@ -184,15 +195,19 @@ def read_chunk(file: str, *, with_loads: bool = True) -> tuple[dict, dict[str, n
             tensors = {key: handle.get_tensor(key) for key in handle.keys() if with_loads or not _is_load(key)}
     except Exception as error:  # safetensors raises its own error type for a cut file
         raise DamagedChunk(f"{file}: truncated or corrupt ({str(error).splitlines()[0]})") from None
+    if HEADER_KEY not in metadata:
+        raise RecordingError(f"{file}: not a recording (no {HEADER_KEY!r} header)")
     try:
         header = json.loads(metadata[HEADER_KEY])
-    except (KeyError, ValueError):
-        raise RecordingError(f"{file}: not a recording (no {HEADER_KEY!r} header)") from None
+    except ValueError:
+        raise RecordingError(f"{file}: not a recording (its {HEADER_KEY!r} header is not JSON)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise RecordingError(f"{file}: not a recording (format {header.get('format') if isinstance(header, dict) else header!r})")
     if header.get("version") != FORMAT_VERSION:
         raise RecordingError(f"{file}: unknown format version {header.get('version')!r} "
                              f"(this eplb_compile reads version {FORMAT_VERSION})")
+    if "header_crc32" in header and header["header_crc32"] != _header_crc32(header):  # older files have none
+        raise DamagedChunk(f"{file}: malformed chunk (its header fails its checksum)")
     problem = _chunk_problem(header, tensors, layouts)
     if problem:
         raise DamagedChunk(f"{file}: malformed chunk ({problem})")
@@ -283,9 +298,10 @@ def _negative(name: str, load: np.ndarray) -> str | None:
     return f"{name} has negative counts" if load.size and int(load.min()) < 0 else None
 
 
-def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.ndarray, str | None]:
+def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.ndarray | None, str | None]:
     """One model's load of a chunk ``read_chunk`` read without loads, and what is wrong with it (or None):
-    the checks it was spared then (its checksum, no negative count). RecordingError if the file cannot be read."""
+    the checks it was spared then (its checksum, no negative count); no load if the file can no longer be
+    read (deleted or cut since its header was read)."""
     from safetensors import safe_open
 
     name = f"model{model}.load"
@@ -293,18 +309,18 @@ def read_load(file: str, header: dict, model: int, shape: tuple) -> tuple[np.nda
         with safe_open(file, "np") as handle:
             load = handle.get_tensor(name)
     except Exception as error:  # changed since its header was read
-        raise RecordingError(f"{file}: unreadable on the second read ({str(error).splitlines()[0]})") from None
+        return None, f"unreadable on the second read ({str(error).splitlines()[0]})"
     if load.dtype != np.int32 or load.shape != shape:
         return load, f"{name} changed since its header was read"
     return load, f"{name} fails its checksum" if header["crc32"][name] != _crc32(load) else _negative(name, load)
 
 
-def read_recording(path: str) -> Recording:
-    """Every rank's chunks, the passes summed over ranks at the steps every rank recorded
-    (:func:`eplb_compile.recording_reader.read_recording`)."""
+def read_recording(path: str, steps: tuple[int | None, int | None] = (None, None)) -> Recording:
+    """Every rank's chunks, the passes summed over ranks at the steps every rank recorded, of those
+    ``first <= step < last`` (:func:`eplb_compile.recording_reader.read_recording`)."""
     from eplb_compile.recording_reader import read_recording as read_folder
 
-    return read_folder(path)
+    return read_folder(path, steps)
 
 
 def concat_chunks(chunks: list[tuple[dict, dict]], model: int) -> ModelSteps:

@@ -13,11 +13,15 @@ read once, CRC-checked, checked for negative counts and summed into one
 memory at a time. A chunk whose loads fail that check is read around like any
 damaged chunk: the first pass's decisions are made again without it (and the
 loads read again), so the result is the one a reader that checked everything
-first would give.
+first would give; so is one deleted or cut between the two passes. A file that is no chunk of this version (its header
+unparseable, or of another version) among readable chunks is a damaged chunk
+too: one flipped byte must not stop the report; only a folder with no readable
+chunk is refused for it.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 import re
@@ -31,9 +35,11 @@ _RANK_DIR = re.compile(r"rank(\d+)$")
 _CHUNK_FILE = re.compile(r"chunk-(\d+)\.safetensors$")
 
 
-def read_recording(path: str) -> Recording:
+def read_recording(path: str, steps: tuple[int | None, int | None] = (None, None)) -> Recording:
     """Every rank's chunks, the passes summed over ranks at the steps every rank recorded.
 
+    ``steps``: only the steps ``first <= step < last`` (None: open) are summed, so memory follows
+    the range; maps, damage and the count of steps left out stay those of the whole recording.
     Damaged or missing chunks are read around and said in ``damage``; RecordingError
     (one line) for a folder that is not a recording, or one with nothing usable.
     """
@@ -45,6 +51,7 @@ def read_recording(path: str) -> Recording:
     chunks: dict[int, dict[int, tuple[dict, dict]]] = {}  # their loads left out: read once, when summed
     chunk_files: dict[int, dict[int, str]] = {}
     unreadable: dict[int, dict[int, str]] = {}
+    not_chunks: dict[tuple[int, int], str] = {}  # (rank, number): why the file is no chunk this reader knows
     for file in files:
         rank_match = _RANK_DIR.search(os.path.dirname(file))
         chunk_match = _CHUNK_FILE.search(os.path.basename(file))
@@ -56,14 +63,23 @@ def read_recording(path: str) -> Recording:
         except DamagedChunk as error:
             unreadable.setdefault(rank, {})[number] = str(error)
             continue
+        except RecordingError as error:  # no header, or a version unknown here: a flipped byte, or no recording
+            not_chunks[rank, number] = str(error)
+            continue
         if (header["ep_rank"], header["chunk"]) != (rank, number):
             unreadable.setdefault(rank, {})[number] = f"{file}: malformed chunk (its header says rank " \
                                                       f"{header['ep_rank']} chunk {header['chunk']})"
             continue
         chunks.setdefault(rank, {})[number] = (header, tensors)
         chunk_files.setdefault(rank, {})[number] = file
+    if not_chunks and not chunks:  # nothing readable: the folder is not a recording (of this version)
+        raise RecordingError(not_chunks[min(not_chunks)])
+    for (rank, number), why in not_chunks.items():  # among readable chunks: a damaged one
+        unreadable.setdefault(rank, {})[number] = why
+    for rank in sorted(chunks):
+        _check_one_run(path, rank, chunks[rank])
     while True:  # once, unless a chunk's loads fail their check: then again without it
-        recording = _plan(path, chunks, unreadable)
+        recording = _plan(path, chunks, unreadable, steps)
         failed = _sum_loads(recording, chunks, chunk_files)
         if not failed:
             return recording
@@ -74,11 +90,35 @@ def read_recording(path: str) -> Recording:
                 del chunks[rank]
 
 
-def _plan(path: str, chunks: dict, unreadable: dict) -> Recording:
-    """The recording the readable chunks make, its loads still zero: which steps, maps and losses."""
+def _check_one_run(path: str, rank: int, chunks: dict[int, tuple[dict, dict]]) -> None:
+    """RecordingError unless one rank's readable chunks are of one recorder run: one ``run_id`` (None, in
+    older files, counts as one) and no step in two chunks. A restarted server recording into the same folder
+    numbers its chunks from 0 again and overwrites some: summing such a folder would count steps twice."""
+    run_ids = {header.get("run_id") for header, _ in chunks.values()}
+    if len(run_ids) > 1:
+        raise RecordingError(f"{path}: rank{rank} holds chunks of {len(run_ids)} runs "
+                             f"({', '.join(sorted(map(str, run_ids)))}); record each run into its own folder")
+    seen: dict[tuple[str, int], int] = {}  # (steps tensor, step) -> the chunk holding it
+    for number, (_, tensors) in sorted(chunks.items()):
+        for key, steps in tensors.items():
+            if not key.endswith(".steps"):
+                continue
+            for step in steps.tolist():
+                if (key, step) in seen:
+                    raise RecordingError(f"{path}: rank{rank} chunks {seen[key, step]} and {number} both hold step "
+                                         f"{step} ({key}): two runs in one folder? record each run into its own "
+                                         f"folder")
+                seen[key, step] = number
+
+
+def _plan(path: str, chunks: dict, unreadable: dict, step_range: tuple[int | None, int | None]) -> Recording:
+    """The recording the readable chunks make, its loads still zero: which steps (of ``step_range``),
+    maps and losses."""
+    first, last = step_range
     if not chunks:
-        first = min((why for by_number in unreadable.values() for why in by_number.values()),
-                    default="no file named rank<r>/chunk-<n>.safetensors")
+        lowest = min(unreadable, default=None)  # the lowest rank's lowest chunk (not the alphabetically first)
+        first = unreadable[lowest][min(unreadable[lowest])] if unreadable else \
+            "no file named rank<r>/chunk-<n>.safetensors"
         raise RecordingError(f"{path}: no readable chunk; first: {first}")
     header = chunks[min(chunks)][min(chunks[min(chunks)])][0]
     ep_size = header["ep_size"]
@@ -107,7 +147,9 @@ def _plan(path: str, chunks: dict, unreadable: dict) -> Recording:
         if unrouted:  # no chunk says which map routed them: never guess one
             damage.append(f"model {info['name']!r}: steps {_ranges(unrouted)} left out: the map that routed them "
                           f"is in no readable chunk")
-            common = [step for step in common if step not in unrouted]
+            unrouted_set = set(unrouted)
+            common = [step for step in common if step not in unrouted_set]
+        common = [step for step in common if (first is None or step >= first) and (last is None or step < last)]
         load = np.zeros((len(common), len(info["layer_names"]), info["num_physical"]), dtype=np.int64)
         map_steps = sorted(maps)
         stacked = np.stack([maps[s] for s in map_steps]) if maps else per_rank[0].maps
@@ -128,7 +170,7 @@ def _sum_loads(recording: Recording, chunks: dict, files: dict) -> dict[tuple[in
                 steps = tensors[f"model{model}.steps"].tolist()
                 load, problem = read_load(file, header, model, (len(steps), *summed.load.shape[1:]))
                 if problem:
-                    failed[rank, number] = f"{file}: malformed chunk ({problem})"
+                    failed[rank, number] = f"{file}: " + (problem if load is None else f"malformed chunk ({problem})")
                     break
                 if not failed:
                     _add_rows(summed.load, load, steps, row_of)
@@ -160,27 +202,46 @@ def _agreed_maps(path: str, name: str, per_rank: list[ModelSteps]) -> dict[int, 
 
 
 def _rank_damage(rank: int, chunks: dict[int, tuple[dict, dict]], unreadable: dict[int, str]) -> list[str]:
-    """One line per chunk of this rank that is missing or unusable, and for a recording that did not close."""
-    def steps_of(number: int) -> list[int]:
-        tensors = chunks[number][1]
-        return sorted(s for key, t in tensors.items() if key.endswith(".steps") for s in t.tolist())
-
+    """One line per run of consecutive chunks of this rank that are missing or unusable for one reason, and
+    for a recording that did not close. Linear in the chunks: a long outage loses thousands."""
+    numbers = sorted(chunks)
+    bounds = {}  # chunk number -> its (lowest, highest) step, over its models; chunks without steps left out
+    for number in numbers:
+        steps = [t for key, t in chunks[number][1].items() if key.endswith(".steps") and len(t)]
+        if steps:
+            bounds[number] = (min(int(t.min()) for t in steps), max(int(t.max()) for t in steps))
+    highest_up_to, highest = [], None  # highest_up_to[i]: the highest step of numbers[:i + 1]
+    for number in numbers:
+        if number in bounds:
+            highest = bounds[number][1] if highest is None else max(highest, bounds[number][1])
+        highest_up_to.append(highest)
+    lowest_from, lowest = [None] * len(numbers), None  # lowest_from[i]: the lowest step of numbers[i:]
+    for i in range(len(numbers) - 1, -1, -1):
+        if numbers[i] in bounds:
+            lowest = bounds[numbers[i]][0] if lowest is None else min(lowest, bounds[numbers[i]][0])
+        lowest_from[i] = lowest
     lines = []
     last = max([*chunks, *unreadable])
-    for number in range(last + 1):
-        if number in chunks:
-            continue
-        before = [s for n in chunks if n < number for s in steps_of(n)]
-        after = [s for n in chunks if n > number for s in steps_of(n)]
-        bounds = ([f"after {max(before)}"] if before else []) + ([f"before {min(after)}"] if after else [])
-        span = " ".join(["steps", " and ".join(bounds)]).strip()
-        why = unreadable.get(number, "absent (a failed flush: full disk or write error, or a deleted file)")
-        lines.append(f"rank {rank} chunk {number} lost: {why}; its {span} and any map committed then are not "
-                     f"in the recording of rank {rank}")
+    lost = [n for n in range(last + 1) if n not in chunks]
+    absent = "absent (a failed flush: full disk or write error, or a deleted file)"
+    i = 0
+    while i < len(lost):  # a run: consecutive numbers lost for one reason (no readable chunk between them)
+        first, why = lost[i], unreadable.get(lost[i], absent)
+        while i + 1 < len(lost) and lost[i + 1] == lost[i] + 1 and unreadable.get(lost[i + 1], absent) == why:
+            i += 1
+        end, i = lost[i], i + 1
+        at = bisect.bisect_left(numbers, first)  # the readable chunks before it: numbers[:at]
+        before = highest_up_to[at - 1] if at else None
+        after = lowest_from[at] if at < len(numbers) else None
+        span = " and ".join(([f"after {before}"] if before is not None else [])
+                            + ([f"before {after}"] if after is not None else []))
+        span = f"steps {span}" if span else "steps"
+        what = f"chunk {first} lost: {why}; its" if first == end else f"chunks {first}-{end} lost: {why}; their"
+        lines.append(f"rank {rank} {what} {span} and any map committed then are not in the recording of rank {rank}")
     if not chunks[max(chunks)][0].get("final") and last == max(chunks):
-        recorded = [s for n in chunks for s in steps_of(n)]
         lines.append(f"rank {rank}: no closing chunk (the recorder was killed, or is still running): steps after "
-                     f"{max(recorded) if recorded else 'the start'} are not in the recording of rank {rank}")
+                     f"{highest_up_to[-1] if highest_up_to[-1] is not None else 'the start'} are not in the "
+                     f"recording of rank {rank}")
     counters = chunks[max(chunks)][0].get("counters", {})
     if any(counters.get(key) for key in ("dropped_ring_full", "dropped_write_error", "write_errors")):
         lines.append(f"rank {rank} dropped {counters.get('dropped_ring_full', 0)} recorded steps because its ring was "

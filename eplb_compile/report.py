@@ -203,7 +203,7 @@ def report_command(args: argparse.Namespace) -> int:
 
         errors += (PlacementError,)
     try:
-        recording = read_recording(args.record_dir)
+        recording = read_recording(args.record_dir, args.steps)  # only the range's loads: memory follows it
         summary = summarize(recording, top=args.top, steps=args.steps)
         if args.what_if is not None:
             summary["what_if"] = what_if.what_if(recording, args.what_if, args.expert_bytes, args.steps)

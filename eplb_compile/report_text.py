@@ -19,6 +19,9 @@ MAX_LAYER_LINES = 10  # per-layer lines up to this many layers, else the worst o
 MAX_RANK_LINES = 8  # per-EP-rank lines up to this many ranks, else the hottest ones
 
 
+DAMAGE_LINES_SHOWN = 20
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -28,7 +31,9 @@ def format_text(summary: dict) -> str:
              f"eplb_compile={summary['eplb_compile_version']}"]
     if summary.get("damage"):
         lines.append("  damaged recording: what follows is read around these losses:")
-        lines += [f"    {line}" for line in summary["damage"]]
+        lines += [f"    {line}" for line in summary["damage"][:DAMAGE_LINES_SHOWN]]
+        if len(summary["damage"]) > DAMAGE_LINES_SHOWN:  # a long outage: thousands of lost chunks
+            lines.append(f"    ... and {len(summary['damage']) - DAMAGE_LINES_SHOWN} more (all in --json)")
     for rank, counters in summary.get("dropped", {}).items():
         if counters.get("paused_steps"):  # an operator's choice, not damage
             lines.append(f"  rank {rank}: {_count(counters['paused_steps'], 'recorded step')} not written while "

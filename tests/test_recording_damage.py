@@ -69,6 +69,7 @@ def corrupt(path, mutate) -> None:
     tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
     mutate(header, tensors)
     header["crc32"] = {name: recording._crc32(tensor) for name, tensor in tensors.items()}
+    header["header_crc32"] = recording._header_crc32(header)
     save_file(tensors, str(path), metadata={recording.HEADER_KEY: json.dumps(header)})
 
 
@@ -117,6 +118,44 @@ def test_flipped_bytes_fail_the_checksum(tmp_path, capsys):
     assert "fails its checksum" in summary["damage"][0] and summary["damage"][0].startswith("rank 0 chunk 1 lost")
 
 
+HEADER_FLIPS = {  # one byte of the JSON header (escaped inside the safetensors header) changed
+    "its JSON unparseable": (b'\\"final\\": ', b'\\"final\\"; '),
+    "its version": (b'\\"version\\": 2', b'\\"version\\": 3'),
+    "a layer name": (b"layers.0", b"layerz.0"),
+    "a counter": (b'\\"dropped_ring_full\\": 0', b'\\"dropped_ring_full\\": 7'),
+}
+
+
+@pytest.mark.parametrize("flipped", sorted(HEADER_FLIPS))
+def test_a_flipped_byte_in_a_chunks_header_is_read_around(tmp_path, capsys, flipped):
+    made = make_recording(tmp_path)
+    path = tmp_path / "rank1" / "chunk-000001.safetensors"
+    old, new = HEADER_FLIPS[flipped]
+    data = path.read_bytes()
+    assert data.count(old) >= 1
+    path.write_bytes(data.replace(old, new, 1))
+    summary = report_json(capsys, tmp_path)
+    (model,) = summary["models"]
+    assert [s["step"] for s in model["steps"]] == [0, 1, 6]
+    assert model["logical_load"] == expected_logical(made, {0: 0, 1: 0, 6: 1})
+    assert summary["damage"][0].startswith("rank 1 chunk 1 lost: ")
+    assert "chunk-000001.safetensors: " in summary["damage"][0]
+
+
+def test_a_chunk_without_a_header_checksum_is_read(tmp_path, capsys):
+    """Files written before the header had its checksum are read as before."""
+    from safetensors.numpy import save_file
+
+    make_recording(tmp_path)
+    path = tmp_path / "rank0" / "chunk-000001.safetensors"
+    header, tensors = recording.read_chunk(str(path))
+    del header["header_crc32"]  # written by this eplb_compile
+    header["vllm_version"] += "-older"  # and the header's other bytes are not checked then
+    save_file(tensors, str(path), metadata={recording.HEADER_KEY: json.dumps(header)})
+    summary = report_json(capsys, tmp_path)
+    assert summary["damage"] == [] and [s["step"] for s in summary["models"][0]["steps"]] == [0, 1, 3, 4, 6]
+
+
 def test_a_load_that_fails_its_checksum_is_read_around_and_the_rest_summed_once(tmp_path, capsys):
     """The loads are checked when they are summed (the second pass): the chunk is then read around as if
     the first pass had found it, and no step counts twice."""
@@ -135,6 +174,65 @@ def test_a_load_that_fails_its_checksum_is_read_around_and_the_rest_summed_once(
     assert model["logical_load"] == expected_logical(made, {0: 0, 1: 0, 6: 1})
     assert summary["damage"][0].startswith("rank 1 chunk 1 lost: ")
     assert "chunk-000001.safetensors: malformed chunk (model0.load fails its checksum)" in summary["damage"][0]
+
+
+@pytest.mark.parametrize("change", ["deleted", "cut"])
+def test_a_chunk_lost_between_the_two_passes_is_read_around(tmp_path, capsys, monkeypatch, change):
+    """A chunk deleted or cut after its header was read (a cleanup job, a restarted writer) is read around
+    like a chunk whose loads fail their checksum."""
+    from eplb_compile import recording_reader
+
+    made = make_recording(tmp_path)
+    path = tmp_path / "rank1" / "chunk-000001.safetensors"
+    read_load = recording_reader.read_load
+
+    def losing_the_chunk_first(file, *args):
+        if file == str(path) and path.exists():
+            path.unlink() if change == "deleted" else path.write_bytes(path.read_bytes()[:100])
+        return read_load(file, *args)
+
+    monkeypatch.setattr(recording_reader, "read_load", losing_the_chunk_first)
+    summary = report_json(capsys, tmp_path)
+    (model,) = summary["models"]
+    assert [s["step"] for s in model["steps"]] == [0, 1, 6]
+    assert model["logical_load"] == expected_logical(made, {0: 0, 1: 0, 6: 1})
+    assert summary["damage"][0].startswith(f"rank 1 chunk 1 lost: {path}: unreadable on the second read (")
+
+
+def write_chunks(record_dir, rank: int, kept: list[int], last: int) -> None:
+    """Chunks ``kept`` of one rank, chunk n holding step n (chunk 0 also the start-up map), ``last`` the final one."""
+    from eplb_compile.recording import ModelInfo, ModelSteps
+
+    info = ModelInfo("m", ["l0"], 4, 4, 10)
+    for number in kept:
+        maps = ([-1], torch.arange(4).view(1, 1, 4)) if number == 0 else ([], torch.zeros((0, 1, 4), dtype=torch.int64))
+        steps = ModelSteps([number], torch.ones((1, 1, 4), dtype=torch.int32), *maps)
+        header = recording.make_header(number, rank, 2, {"vllm_version": "x", "eplb_compile_version": "y"}, [info],
+                                       final=number == last)
+        in_force = None if number == 0 else (-1, torch.arange(4).view(1, 4))
+        recording.write_chunk(str(record_dir), header, recording.chunk_tensors([info], [steps], [in_force]))
+
+
+def test_consecutive_chunks_lost_for_one_reason_are_one_line_and_the_text_shows_the_first_lines(tmp_path, capsys):
+    write_chunks(tmp_path, 0, [0, 4, 6, *range(8, 60, 2), 60], 60)  # 1-3 and 5 absent, 7 cut, then every other
+    (tmp_path / "rank0" / "chunk-000007.safetensors").write_bytes(b"cut")
+    write_chunks(tmp_path, 1, list(range(61)), 60)
+    summary = report_json(capsys, tmp_path)
+    absent = "absent (a failed flush: full disk or write error, or a deleted file)"
+    damage = summary["damage"]
+    assert damage[0] == (f"rank 0 chunks 1-3 lost: {absent}; their steps after 0 and before 4 and any map committed "
+                         f"then are not in the recording of rank 0")
+    assert damage[1] == (f"rank 0 chunk 5 lost: {absent}; its steps after 4 and before 6 and any map committed "
+                         f"then are not in the recording of rank 0")
+    assert damage[2].startswith(f"rank 0 chunk 7 lost: {tmp_path / 'rank0' / 'chunk-000007.safetensors'}: truncated")
+    assert "its steps after 6 and before 8 and any" in damage[2]
+    assert damage[3].startswith(f"rank 0 chunk 9 lost: {absent}; its steps after 8 and before 10 ")
+    assert len(damage) == 3 + 26 + 1  # and the steps left out
+    assert run_report(str(tmp_path)) == 0
+    text = capsys.readouterr().out.splitlines()
+    shown = [line.strip() for line in text if line.startswith("    rank 0 chunk")]
+    assert shown == damage[:20]
+    assert "    ... and 10 more (all in --json)" in text
 
 
 def test_a_killed_writer_leaves_no_closing_chunk_and_the_report_says_so(tmp_path, capsys):
@@ -210,12 +308,12 @@ def test_a_full_disk_loses_flushes_visibly_and_counts_them(small_disk, capsys, c
     for s in summary["models"][0]["steps"]:
         assert s["tokens"] == 2 * passes[s["step"]].sum().item()
     damage = summary["damage"]
-    for chunk in range(1, 8):
-        assert (f"rank 0 chunk {chunk} lost: absent (a failed flush: full disk or write error, or a deleted file); "
-                f"its steps after 0 and before 8 and any map committed then") in damage[chunk - 1]
-    assert "rank 0 dropped 0 recorded steps because its ring was full and 7 in 7 failed flushes" in damage[7]
+    assert damage[0] == ("rank 0 chunks 1-7 lost: absent (a failed flush: full disk or write error, or a deleted "
+                         "file); their steps after 0 and before 8 and any map committed then are not in the "
+                         "recording of rank 0")
+    assert "rank 0 dropped 0 recorded steps because its ring was full and 7 in 7 failed flushes" in damage[1]
     assert summary["dropped"]["0"] == rank0.counters
-    assert damage[8] == "model 'tiny': steps 1-7 left out: not recorded by every rank"
+    assert damage[2] == "model 'tiny': steps 1-7 left out: not recorded by every rank"
 
 
 def test_drops_and_write_errors_are_metrics(tmp_path):
