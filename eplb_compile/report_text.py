@@ -34,10 +34,14 @@ def format_text(summary: dict) -> str:
         lines += [f"    {line}" for line in summary["damage"][:DAMAGE_LINES_SHOWN]]
         if len(summary["damage"]) > DAMAGE_LINES_SHOWN:  # a long outage: thousands of lost chunks
             lines.append(f"    ... and {len(summary['damage']) - DAMAGE_LINES_SHOWN} more (all in --json)")
-    for rank, counters in summary.get("dropped", {}).items():
-        if counters.get("paused_steps"):  # an operator's choice, not damage
-            lines.append(f"  rank {rank}: {_count(counters['paused_steps'], 'recorded step')} not written while "
-                         f"record_dir/PAUSE existed (as of its last readable chunk)")
+    paused = {rank: c["paused_steps"] for rank, c in summary.get("dropped", {}).items() if c.get("paused_steps")}
+    if paused:  # an operator's choice, not damage; one line however many ranks
+        low, high = min(paused.values()), max(paused.values())
+        who = (f"rank {next(iter(paused))}" if len(paused) == 1 else f"ranks {', '.join(paused)}"
+               if len(paused) <= MAX_RANK_LINES else f"{len(paused)} ranks")
+        amount = _count(low, "recorded step") if low == high else f"{low} to {high} recorded steps each"
+        lines.append(f"  {who}: {amount} not written while record_dir/PAUSE existed (as of the last readable "
+                     f"chunks; per rank in --json)")
     first, last = summary.get("step_range", [None, None])
     if (first, last) != (None, None):
         lines.append(f"  steps {'' if first is None else first}:{'' if last is None else last} only "

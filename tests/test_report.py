@@ -264,7 +264,7 @@ def test_a_pause_file_stops_writing_passes_and_the_report_says_so(tmp_path, caps
     assert not read.damage  # a pause is not a loss
     assert run_report(str(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "rank 0: 2 recorded steps not written while record_dir/PAUSE existed" in out
+    assert "ranks 0, 1: 2 recorded steps not written while record_dir/PAUSE existed" in out
 
 
 def test_a_restarted_server_never_writes_over_the_earlier_runs_recording(tmp_path, caplog):

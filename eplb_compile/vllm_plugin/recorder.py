@@ -219,7 +219,7 @@ class Recorder:
                                     pending["map_steps"], _stack(pending["maps"], shape, torch.int64)))
         lost = sum(len(p["steps"]) for p in self._pending)
         header = recording.make_header(self._chunk, self.ep_rank, self.ep_size, self.versions, self.models,
-                                       final=final, counters=self.counters)
+                                       final=final, counters=self.counters, run_id=self.run_id)
         self._chunk += 1
         try:
             recording.write_chunk(self.record_dir, header,
