@@ -36,16 +36,20 @@ def test_transfers_follow_vllms_senders_and_receivers():
         generator.shuffle(old), generator.shuffle(new)
         send_map, recv_map = execute.get_ep_ranks_with_experts_batch(np.unique(new), int(per_rank), old, new)
         received, sent = [0] * int(ep_size), [0] * int(ep_size)
-        for expert, takers in recv_map.items():  # vLLM's receive side: one source per receiving rank
-            holders = send_map[expert]
+        # vLLM's send side (move_to_buffer, rebalance_execute.py:418-433 in 0.33.0): each holder's
+        # receivers, worked out from the sender's end; transfers() works from the receiver's end.
+        for expert, holders in send_map.items():
+            takers = recv_map[expert]
             if not holders or not takers:
                 continue
             each = len(takers) // len(holders)
-            for position, rank in enumerate(takers):
-                start = len(holders) * each
-                source = holders[position // each] if position < start else holders[position - start]
-                received[rank] += 1
-                sent[source] += 1
+            for position, sender in enumerate(holders):
+                destinations = takers[position * each : (position + 1) * each]
+                if len(holders) * each + position < len(takers):
+                    destinations.append(takers[len(holders) * each + position])
+                sent[sender] += len(destinations)
+                for rank in destinations:
+                    received[rank] += 1
         assert transfers(torch.from_numpy(old), torch.from_numpy(new), int(ep_size)) == (received, sent)
 
 
