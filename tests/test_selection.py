@@ -66,7 +66,7 @@ def test_reason_names_the_numbers():
 
 
 def test_without_a_card_plan_the_default_plan_applies():
-    assert DEFAULT_COUNT_PATH_MIN_TOKENS == 65536  # configs/default.json: past every size measured on an H100
+    assert DEFAULT_COUNT_PATH_MIN_TOKENS == 65536  # configs/default.json: conservative, past every measured crossover
     assert count_path_min_tokens() == DEFAULT_COUNT_PATH_MIN_TOKENS
     assert count_path_min_tokens(torch.device("cpu")) == DEFAULT_COUNT_PATH_MIN_TOKENS
 

@@ -51,6 +51,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo
 
 import eplb_compile as ec  # noqa: E402
 from eplb_compile._vllm_kernel_loader import load_vllm_router_kernel  # noqa: E402
+from eplb_compile.bench.timing import capture_cuda_graph, copy_bandwidth_gbs, time_graphs  # noqa: E402
 from eplb_compile.kernels import plans  # noqa: E402
 
 HIDDEN, INTER, TOP_K, NUM_LOGICAL, NUM_REDUNDANT = 2048, 1408, 8, 64, 8
@@ -174,30 +175,12 @@ def check_numerators(steps, tokens, device) -> list[str]:
 
 
 def _graph(fn):
-    fn()  # eager first: Triton, NVRTC and cuBLAS set up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
+    return capture_cuda_graph(lambda _layer: fn(), layers=1)
 
 
 def _time(graphs: dict, per_graph: int, replays: int, repeats: int) -> dict:
-    """µs per unit (graph time / per_graph): median of ``repeats`` samples, graphs interleaved."""
-    for graph in graphs.values():
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = {name: [] for name in graphs}
-    for _ in range(repeats):
-        for name, graph in graphs.items():
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) * 1e3 / (replays * per_graph))
+    """µs per unit (graph time / per_graph): (median, spread) of ``repeats`` samples, graphs interleaved."""
+    samples = time_graphs(graphs, per_graph, replays, repeats)
     return {n: (statistics.median(s), max(s) - min(s)) for n, s in samples.items()}
 
 
@@ -319,8 +302,6 @@ def main() -> int:
     info = machine()
     print(json.dumps(info), flush=True)
     if device.type == "cuda":
-        from eplb_compile.bench.timing import copy_bandwidth_gbs
-
         bandwidth = copy_bandwidth_gbs(device, nbytes=2 << 30)
         layers = [MoELayer(seed, device) for seed in range(LAYER_COPIES)]
     else:  # the logic at toy sizes: no timing
