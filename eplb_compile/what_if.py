@@ -21,6 +21,10 @@ hold it now share the sending, receiver by receiver in rank order. Bytes are
 those counts times the size of one expert's weights (``--expert-bytes``, else
 the recording's ``expert_bytes`` where it has one). A rearrangement stalls
 serving while the weights move.
+
+The text, like the report's own, is summarised for a deployment: past
+``MAX_LAYER_LINES`` layers, the most imbalanced as recorded and the mean of all;
+past ``MAX_RANK_LINES`` ranks, those that move the most. ``--json`` has all.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from eplb_compile import metrics
 from eplb_compile.recording import Recording
+from eplb_compile.report_text import MAX_LAYER_LINES, MAX_RANK_LINES
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -152,26 +157,52 @@ def _bytes(n: int) -> str:
 
 
 def format_text(result: dict) -> str:
+    """The what-if text; past ``MAX_LAYER_LINES`` layers or ``MAX_RANK_LINES`` ranks, the worst of them, a
+    line for the rest, and ``--json`` for every one (as the report's own text does)."""
     lines = [f"what-if: max/mean over EP ranks as recorded, and as predicted under the placement computed by "
              f"{result['policy']}" + (f" and under {result['given']}" if result["given"] else "")]
+    columns = ["computed"] + (["given"] if result["given"] else [])
     for model in result["models"]:
-        columns = ["computed"] + (["given"] if result["given"] else [])
-        lines.append(f"model {model['name']} ({model['steps']} steps)")
+        layers = model["layers"]
+        order = sorted(range(len(layers)), key=lambda i: -layers[i]["recorded"])  # ties: the lower layer
+        shown = layers if len(layers) <= MAX_LAYER_LINES else [layers[i] for i in order[:MAX_LAYER_LINES]]
+        lines.append(f"model {model['name']} ({model['steps']} steps)"
+                     + (f": the {len(shown)} layers most imbalanced as recorded, of {len(layers)}"
+                        if len(shown) < len(layers) else ""))
         lines.append(f"  {'layer':<32} {'hottest rank':>12} {'share':>6} {'recorded':>9} "
                      + " ".join(f"{c:>9}" for c in columns))
-        for layer in model["layers"]:
+        for layer in shown:
             lines.append(f"  {layer['name']:<32} {'r' + str(layer['hottest_rank']):>12} "
                          f"{100 * layer['hottest_share']:>5.1f}% {layer['recorded']:>9.3f} "
                          + " ".join(f"{layer[c]:>9.3f}" for c in columns))
+        if len(shown) < len(layers):
+            rest = layers[order[MAX_LAYER_LINES]]["recorded"]
+            lines.append(f"  ... and {len(layers) - len(shown)} other layers (recorded max/mean <= {rest:.3f}); "
+                         f"--json has every layer")
+            lines.append(f"  {'mean of all ' + str(len(layers)) + ' layers':<52} "
+                         + " ".join(f"{sum(l[c] for l in layers) / len(layers):>9.3f}"
+                                    for c in ["recorded", *columns]))
         for name, cost in model["switch"].items():
-            if not cost["comparable"]:
-                lines.append(f"  switching to the {name} placement: not comparable ({cost['reason']})")
-                continue
-            lines.append(f"  switching to the {name} placement from the map in force at the end: "
-                         f"{cost['slots_changed']} slots change in {cost['layers_changed']} layers")
-            for rank, (got, gave) in enumerate(zip(cost["experts_received"], cost["experts_sent"], strict=True)):
-                size = (f" ({_bytes(cost['bytes_received'][rank])} in, {_bytes(cost['bytes_sent'][rank])} out)"
-                        if "bytes_received" in cost else "")
-                lines.append(f"    r{rank}: receives {got} experts, sends {gave}{size}")
+            lines += _switch_text(name, cost)
     return "\n".join(lines)
 
+
+def _switch_text(name: str, cost: dict) -> list[str]:
+    if not cost["comparable"]:
+        return [f"  switching to the {name} placement: not comparable ({cost['reason']})"]
+    received, sent = cost["experts_received"], cost["experts_sent"]
+    sized = "bytes_received" in cost
+    lines = [f"  switching to the {name} placement from the map in force at the end: "
+             f"{cost['slots_changed']} slots change in {cost['layers_changed']} layers, {sum(received)} expert "
+             f"transfers" + (f" ({_bytes(sum(cost['bytes_received']))})" if sized else "")]
+    ranks = list(range(len(received)))
+    if len(ranks) > MAX_RANK_LINES:  # the busiest ranks: the switch lasts as long as theirs
+        ranks = sorted(ranks, key=lambda r: -(received[r] + sent[r]))[:MAX_RANK_LINES]
+    for rank in ranks:
+        size = f" ({_bytes(cost['bytes_received'][rank])} in, {_bytes(cost['bytes_sent'][rank])} out)" if sized else ""
+        lines.append(f"    r{rank}: receives {received[rank]} experts, sends {sent[rank]}{size}")
+    if len(ranks) < len(received):
+        others = [r for r in range(len(received)) if r not in ranks]
+        lines.append(f"    ... and {len(others)} other ranks (each receives <= {max(received[r] for r in others)}, "
+                     f"sends <= {max(sent[r] for r in others)}); --json has every rank")
+    return lines

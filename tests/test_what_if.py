@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eplb_compile.cli import main
+from eplb_compile import what_if
 from eplb_compile.what_if import transfers
 from tests.test_place import exit_status, record
 
@@ -184,3 +185,30 @@ def test_what_if_figure_says_when_a_switch_is_not_comparable(tmp_path, capsys):
     assert [text.get_text() for text in cost.texts] == [
         "given: not comparable (the map in force has 4 slots, the placement 6)"]
     assert not cost.child_axes  # no size given, none recorded: no bytes axis
+
+
+def test_what_if_text_is_summarised_at_deployment_scale():
+    # 58 layers, 16 ranks: layer i recorded 1 + i/100 except five planted hot layers; ranks 3 and 11 busiest.
+    recorded = [1 + i / 100 for i in range(58)]
+    for layer, value in {4: 3.0, 9: 2.9, 20: 2.8, 33: 2.7, 41: 2.6}.items():
+        recorded[layer] = value
+    layers = [{"name": f"model.layers.{i}.mlp.experts", "hottest_rank": i % 16, "hottest_share": 0.1,
+               "recorded": recorded[i], "computed": 1.01} for i in range(58)]
+    received, sent = [1] * 16, [1] * 16
+    received[3], sent[11] = 9, 7
+    result = {"policy": "DefaultEplbPolicy", "given": None, "models": [{
+        "name": "m", "steps": 5, "layers": layers,
+        "switch": {"computed": {"comparable": True, "slots_changed": 40, "layers_changed": 12,
+                                "experts_received": received, "experts_sent": sent}}}]}
+    text = what_if.format_text(result)
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("model.layers.")]
+    # The ten worst as recorded, worst first: the five planted ones, then layers 57 down to 53.
+    assert [row[0] for row in rows] == [f"model.layers.{i}.mlp.experts" for i in (4, 9, 20, 33, 41, 57, 56, 55, 54, 53)]
+    assert "... and 48 other layers (recorded max/mean <= 1.520); --json has every layer" in text
+    mean_line = next(line for line in text.splitlines() if "mean of all 58 layers" in line)
+    assert mean_line.split()[-2:] == [f"{sum(recorded) / 58:.3f}", "1.010"]
+    assert "40 slots change in 12 layers, 24 expert transfers" in text
+    rank_lines = [line.split()[0] for line in text.splitlines() if line.startswith("    r")]
+    assert rank_lines[:2] == ["r3:", "r11:"] and len(rank_lines) == 8
+    assert "... and 8 other ranks (each receives <= 1, sends <= 1); --json has every rank" in text
+    assert len(text.splitlines()) < 30  # against 58 layer lines and 16 rank lines unsummarised
