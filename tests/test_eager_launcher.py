@@ -1,6 +1,7 @@
 """The C++ eager launcher (kernels/eager_launch.cpp): what it takes, and that it is the Python path's result.
 
-It must take only calls the operators' validation accepts, return exactly
+It must take only calls the operators' validation accepts (checked on every
+single change and every pair of changes to a valid call's arguments), return exactly
 what the Python path returns (ids, load, version counter), and leave every
 other call to Python, which raises the detailed error or runs Triton. The
 build is checked on the CPU (it compiles against the running torch); the rest
@@ -8,6 +9,8 @@ needs a GPU.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -212,3 +215,115 @@ def test_it_runs_on_the_current_stream_and_in_cuda_graphs(launcher):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+# The launcher restates the validation's accept rules in C++ (a Python check
+# per call costs as much as the launch). ops/_validation.py owns them: whatever
+# the launcher takes, the validation must accept. Each change below turns one
+# argument of a valid call into something the rules may or may not accept.
+def _id_dtype(dtype):
+    return lambda ids: ids.to(dtype)
+
+
+def _strided(t):
+    """The same values, every other element of a buffer twice as long (any shape)."""
+    return torch.stack([t, t], -1)[..., 0]
+
+
+_CHANGES = [
+    (0, _id_dtype(torch.uint8)), (0, _id_dtype(torch.int8)), (0, _id_dtype(torch.int16)), (0, _id_dtype(torch.int64)),
+    (0, lambda ids: ids.float()), (0, lambda ids: ids.flatten()), (0, _strided),
+    (0, lambda ids: ids.cpu()), (0, lambda ids: ids[:0]), (0, lambda ids: ids[..., :3].contiguous()),
+    (0, lambda ids: ids.unsqueeze(0)),
+    (1, lambda l2p: l2p.int()), (1, lambda l2p: l2p[:, 0]), (1, lambda l2p: l2p.cpu()),
+    (1, lambda l2p: l2p.mT.contiguous().mT if l2p.dim() == 2 else l2p), (1, lambda l2p: torch.cat([l2p, l2p[:1]])),
+    (1, lambda l2p: l2p.repeat(1, 40)),  # 40 x 160 entries: past int8's and int16's capacity for map_only
+    (2, lambda rc: rc.long()), (2, lambda rc: rc.float()), (2, lambda rc: rc.short()), (2, lambda rc: rc[:-1]),
+    (2, lambda rc: rc.cpu()), (2, _strided), (2, lambda rc: rc.unsqueeze(-1)),
+    (3, lambda load: load.long()), (3, lambda load: load.unsqueeze(0)), (3, _strided),
+    (3, lambda load: load.cpu()), (3, lambda load: load.new_zeros(200)), (3, lambda load: load.new_zeros(40000)),
+    (3, lambda load: None),
+    (4, lambda gate: gate.int()), (4, lambda gate: torch.cat([gate.view(-1)] * 2)),
+    (4, lambda gate: gate.reshape(1, -1)),
+    (4, lambda gate: gate.cpu()), (4, lambda gate: None),
+    (5, lambda n: n.long()), (5, lambda n: n.cpu()), (5, lambda n: torch.cat([n.view(-1)] * 2)), (5, lambda n: None),
+]
+
+
+def _validation_accepts(spec, *args) -> bool:
+    """What the public op accepts: its argument types, then its rules."""
+    try:
+        spec.check_types(*args)
+        spec.validate(*args)
+    except Exception:  # noqa: BLE001 - any refusal (a None where a tensor belongs included)
+        return False
+    return True
+
+
+def _change_sets(changes: list) -> list[tuple[int, ...]]:
+    """No change, every single change and every pair: each refusal alone and each two together."""
+    return [()] + [(i,) for i in range(len(changes))] + list(itertools.combinations(range(len(changes)), 2))
+
+
+@needs_cuda
+def test_what_it_takes_the_validation_accepts(launcher):
+    from eplb_compile.ops._validation import MAP_AND_RECORD, MAP_ONLY
+
+    case = _valid()
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):  # a table for every id dtype
+        ids = case.topk_ids.to(dtype)
+        eplb_compile.map_and_record(ids, case.l2p, case.replica_count, case.load.clone(), case.record_enabled)
+        if dtype not in (torch.int8, torch.int16):  # map_only runs narrow ids as int32: no narrow table
+            eplb_compile.map_only(ids, case.l2p, case.replica_count)
+    wrong, taken_count = [], 0
+    for changes in _change_sets(_CHANGES):
+        for map_only in (False, True):
+            args = [case.topk_ids, case.l2p, case.replica_count, case.load.clone(), case.record_enabled,
+                    case.num_unpadded_tokens]
+            for index in changes:
+                position, change = _CHANGES[index]
+                if args[position] is not None:  # a removed optional argument stays removed
+                    args[position] = change(args[position])
+            if map_only:
+                args[3] = args[4] = None
+            ids, l2p, rc, load, gate, unpadded = args
+            accepts = (_validation_accepts(MAP_ONLY, ids, l2p, rc, unpadded) if load is None else
+                       _validation_accepts(MAP_AND_RECORD, *args))
+            taken = launcher.takes_map(*args)
+            taken_count += taken
+            if (taken and not accepts) or (launcher.map_ids(*args) is not None) != taken:
+                wrong.append((changes, map_only, taken, accepts))
+    assert not wrong, f"{len(wrong)} calls (changes, map_only, taken, accepted): {wrong[:5]}"
+    assert taken_count > len(_CHANGES)  # the unchanged calls and the harmless changes were taken
+
+
+_COUNT_CHANGES = [
+    (0, lambda load: load.long()), (0, lambda load: load.unsqueeze(0)), (0, _strided),
+    (0, lambda load: load.cpu()), (0, lambda load: load[:20]),
+    (1, lambda counts: counts.long()), (1, lambda counts: counts.unsqueeze(0)), (1, lambda counts: counts.cpu()),
+    (1, _strided), (1, lambda counts: counts[:0]), (1, lambda counts: torch.cat([counts] * 5)),
+    (2, lambda start: -1), (2, lambda start: 48), (2, lambda start: 49), (2, lambda start: 2**63),
+    (2, lambda start: 2**70),  # (a bool start never gets here: the dispatcher's int refuses it)
+    (3, lambda gate: gate.int()), (3, lambda gate: gate.repeat(2)), (3, lambda gate: gate.cpu()),
+]
+
+
+@needs_cuda
+def test_what_it_takes_for_record_counts_the_validation_accepts(launcher):
+    from eplb_compile.ops._validation import RECORD_COUNTS
+
+    gate = torch.tensor(True, device="cuda")
+    counts = torch.ones(16, dtype=torch.int32, device="cuda")
+    eplb_compile.record_counts(torch.zeros(64, dtype=torch.int32, device="cuda"), counts, 0, gate)  # registers
+    wrong, taken_count = [], 0
+    for changes in _change_sets(_COUNT_CHANGES):
+        args = [torch.zeros(64, dtype=torch.int32, device="cuda"), counts, 3, gate]
+        for index in changes:
+            position, change = _COUNT_CHANGES[index]
+            args[position] = change(args[position])
+        taken = launcher.takes_counts(*args)
+        taken_count += taken
+        if (taken and not _validation_accepts(RECORD_COUNTS, *args)) or launcher.record_counts(*args) != taken:
+            wrong.append((changes, taken))
+    assert not wrong, f"{len(wrong)} calls (changes, taken): {wrong[:5]}"
+    assert taken_count > 1  # the unchanged call and the harmless changes were taken
