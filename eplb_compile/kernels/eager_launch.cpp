@@ -6,8 +6,11 @@
 // (ops/_validation.py) accepts and a registered launch table covers. For any
 // other call it returns None (false for record_counts) without touching a
 // tensor, and the caller runs the Python path, which raises the detailed
-// error or picks Triton. The kernels are the NVRTC ones (eplb_topk.cu,
-// eplb_counts.cu); Python compiles them and registers their handles here.
+// error or picks Triton. tests/test_eager_launcher.py checks, on a GPU, that
+// what it takes the validation accepts, over every single and every pair of
+// argument changes to a valid call. The kernels are the NVRTC ones
+// (eplb_topk.cu, eplb_counts.cu); Python compiles them and registers their
+// handles here.
 //
 // No CUDA header: the launch goes through cuLaunchKernel's address (handed
 // over by Python from libcuda), the current device and stream through c10's
