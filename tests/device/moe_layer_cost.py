@@ -5,10 +5,12 @@
 
 The denominator is a grouped-GEMM MoE layer (``torch._grouped_mm``), because
 vLLM's own non-batched fused-MoE path (``TritonExperts``) needs
-``_moe_C::moe_align_block_size`` and ``moe_sum``, compiled ops that vLLM's
-binaries (built for torch 2.14) cannot give on the GPU machine (torch 2.11);
-plain-torch stand-ins for them would add their own kernels to exactly the
-decode times that matter. The layer: gate GEMM, softmax top-8, the recording
+``_moe_C::moe_align_block_size`` and ``moe_sum``, compiled ops that vLLM
+0.33.0's and 0.34.0's binaries (built for torch 2.14) cannot give on the GPU
+machine (torch 2.11); plain-torch stand-ins for them would add their own
+kernels to exactly the decode times that matter. vLLM 0.26.0's binaries
+(torch 2.11) do load there (``probe_vllm_moe_ops.py``): the way to time vLLM's
+own layer next. The layer: gate GEMM, softmax top-8, the recording
 step, sort by expert, the experts' two grouped GEMMs with SiLU-and-mul between,
 un-sort and weighted sum; hidden 2048, intermediate 1408, 64 logical + 8
 redundant experts (72 physical, one rank), bf16, uniform random routing.
