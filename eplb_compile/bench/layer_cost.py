@@ -23,24 +23,31 @@ MODEL_LAYERS = 58
 NUMERATORS = {"vllm_0.33.0": "vLLM 0.33.0", "vllm_0.34.0": "vLLM 0.34.0", "ours": "ours",
               "map_only": "ours, map only", "empty": "empty kernel"}
 METHOD = (
-    "Denominator: a grouped-GEMM MoE layer (`torch._grouped_mm`) timed in CUDA graphs: gate GEMM, softmax "
-    "top-8, the recording step, sort by expert, the experts' two grouped GEMMs with SiLU-and-mul between, "
-    "un-sort and weighted sum; hidden 2048, intermediate 1408, 64 logical + 8 redundant experts (72 physical, "
-    "one rank), bf16, uniform random routing, 4 layers of distinct weights per graph (1.25 GB each, far past L2). "
-    "Why not vLLM's own layer: its non-batched fused-MoE path needs `_moe_C::moe_align_block_size` and "
-    "`moe_sum`, compiled ops whose binaries in vLLM 0.33.0 and 0.34.0 (built for torch 2.14) do not load on the "
-    "GPU machine (torch 2.11); vLLM 0.26.0's (pinned to torch 2.11) do load there and agree with plain torch "
-    "(`tests/device/probe_vllm_moe_ops.py`), so vLLM's own layer is the next denominator to time; "
-    "and the GPU harness's batched layer pads every expert to the batch maximum (238 µs at T=1 on the H200, "
-    "7x the weight-read floor), which makes shares look far smaller than in serving. Three denominators: "
-    "**layer** (the whole layer, EPLB off), **experts** (the two grouped GEMMs and the activation alone on the "
-    "layer's dispatched rows: what a fully fused layer approaches), **floor** (bytes of the experts the batch "
-    "touches plus the gate / the card's measured copy bandwidth). Numerators, in the same run: each step alone "
-    "in one CUDA graph of 58 layers, each layer with its own `[T, 8]` int32 ids and load (µs per layer, median "
-    "of 7 samples of 20 replays); every numerator checked against vLLM 0.33.0's ids and load first. \"ours\" is "
-    "what the plugin runs at that T (topk path below the card's crossover). A/B: the layer with the step inside "
-    "minus the layer without; noisier than the step alone (spread column). "
-    "`bash tests/device/run_layer_cost.sh` (writes the JSON), then `python -m eplb_compile.bench.layer_cost JSON`."
+    "Two layers, timed in CUDA graphs in the same run, 4 layers of distinct weights per graph (1.25 GB each, far "
+    "past L2); hidden 2048, intermediate 1408, 64 logical + 8 redundant experts (72 physical, one rank), top-8, "
+    "bf16, uniform random routing. **vLLM layer**: vLLM 0.33.0's own non-batched MoE layer as it serves "
+    "unquantized bf16 on one Hopper GPU: the gate GEMM, then `FusedMoEFactory`'s `MoERunner` (`FusedTopKRouter`, "
+    "softmax top-8 renormalised, EPLB) with the kernel vLLM's oracle picks there, "
+    "`MoEPrepareAndFinalizeNoDPEPModular` + `TritonExperts` (its untuned default config: vLLM ships no tuned "
+    "file for E=64 or 72, N=1408 on these cards); **EPLB off** is the model without EPLB (64 experts), "
+    "**vLLM's recording** and **ours** are EPLB on (72 experts) with stock vLLM's step or the plugin's. It "
+    "runs vLLM 0.33.0's Python; its compiled `_moe_C` ops (`topk_softmax`, `moe_align_block_size`, `moe_sum`) "
+    "are vLLM 0.26.0's binary (the newest built for the GPU machine's torch 2.11; the 0.33.0 calls are passed "
+    "through small adapters) and `silu_and_mul` is one Triton kernel (vLLM's is one CUDA kernel); "
+    "**stand-ins** is the same layer with the GPU harness's plain-torch `topk_softmax` and `silu_and_mul` "
+    "instead, to show how far those distort it. Checked first at every T: the plugin's output bitwise equal to "
+    "stock vLLM's, every EPLB variant's load equal to a count of the router's ids, the router's ids a top-8 of "
+    "the softmax, and at T <= 64 every variant within bf16 error of an fp32 reference. **grouped-GEMM layer**: "
+    "gate GEMM, softmax top-8, the recording step, sort by expert, two `torch._grouped_mm` with SiLU-and-mul "
+    "between, un-sort and weighted sum (EPLB off); **experts**: its two GEMMs and the activation alone; "
+    "**floor**: bytes of the experts the batch touches plus the gate / the card's measured copy bandwidth. "
+    "Numerators, in the same run: each step alone in one CUDA graph of 58 layers, each layer with its own "
+    "`[T, 8]` int32 ids and load (µs per layer, median of 7 samples of 20 replays); every numerator checked "
+    "against vLLM 0.33.0's ids and load first. \"ours\" is what the plugin runs at that T (topk path below the "
+    "card's crossover; vLLM's no-EP prepare/finalize gives no per-expert counts, so the topk path in vLLM's layer "
+    "too). A/B: the layer with the step inside minus the layer without; noisier than the step alone (spread "
+    "column). `bash tests/device/run_layer_cost.sh` (writes the JSON), then "
+    "`python -m eplb_compile.bench.layer_cost JSON`."
 )
 
 
@@ -59,8 +66,30 @@ def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.2f} %"
 
 
+def _has_vllm_layer(rows: list[dict]) -> bool:
+    return all("vllm_layer_us" in r for r in rows)
+
+
+def _layer_us(r: dict) -> float:
+    """The denominator shares and decode steps use: vLLM's own layer (EPLB off) where the run timed it."""
+    return r["vllm_layer_us"]["off"] if "vllm_layer_us" in r else r["layer_us"]
+
+
+def vllm_layer_table(rows: list[dict]) -> str:
+    header = ["T", "EPLB off", "EPLB on, vLLM's recording", "EPLB on, ours", "ours − vLLM's, inside",
+              "with the harness's stand-ins", "stand-ins add", "grouped-GEMM layer", "floor", "vLLM layer / floor"]
+    body = []
+    for r in rows:
+        v = r["vllm_layer_us"]
+        body.append([str(r["T"]), fmt(v["off"], ".1f"), fmt(v["stock"], ".1f"), fmt(v["plugin"], ".1f"),
+                     f"{v['plugin'] - v['stock']:+.1f}", fmt(v["standins"], ".1f"),
+                     f"{v['standins'] - v['stock']:+.1f} ({100 * (v['standins'] / v['stock'] - 1):+.0f} %)",
+                     fmt(r["layer_us"], ".1f"), fmt(r["floor_us"], ".1f"), f"{v['off'] / r['floor_us']:.2f}"])
+    return markdown_table(header, body)
+
+
 def cost_table(rows: list[dict]) -> str:
-    header = ["T", "layer", "experts", "floor (active experts)", *NUMERATORS.values(), "ours − map only",
+    header = ["T", "grouped-GEMM layer", "experts", "floor (active experts)", *NUMERATORS.values(), "ours − map only",
               "ours / vLLM 0.34", "ours / vLLM 0.33", "vLLM 0.34 / empty"]
     body = []
     for r in rows:
@@ -74,20 +103,24 @@ def cost_table(rows: list[dict]) -> str:
 
 
 def share_table(rows: list[dict]) -> str:
-    header = ["T", "vLLM 0.33 / layer", "vLLM 0.34 / layer", "ours / layer", "vLLM 0.34 / experts",
-              "ours / experts", "vLLM 0.34 / floor", "ours / floor"]
+    denominators = [("vLLM layer", lambda r: r["vllm_layer_us"]["off"])] if _has_vllm_layer(rows) else []
+    denominators += [("grouped-GEMM layer" if denominators else "layer", lambda r: r["layer_us"]),
+                     ("experts", lambda r: r["experts_us"]), ("floor", lambda r: r["floor_us"])]
+    header = ["T", *[f"{who} / {name}" for name, _ in denominators
+                     for who in (["vLLM 0.33", "vLLM 0.34", "ours"] if name in ("vLLM layer", "layer")
+                                 else ["vLLM 0.34", "ours"])]]
     body = []
     for r in rows:
-        a = r["alone_us"]
-        body.append([str(r["T"]), _pct(a["vllm_0.33.0"], r["layer_us"]), _pct(a["vllm_0.34.0"], r["layer_us"]),
-                     _pct(a["ours"], r["layer_us"]), _pct(a["vllm_0.34.0"], r["experts_us"]),
-                     _pct(a["ours"], r["experts_us"]), _pct(a["vllm_0.34.0"], r["floor_us"]),
-                     _pct(a["ours"], r["floor_us"])])
+        a, cells = r["alone_us"], [str(r["T"])]
+        for name, whole in denominators:
+            who = ["vllm_0.33.0", "vllm_0.34.0", "ours"] if name in ("vLLM layer", "layer") else ["vllm_0.34.0", "ours"]
+            cells += [_pct(a[n], whole(r)) for n in who]
+        body.append(cells)
     return markdown_table(header, body)
 
 
 def ab_table(rows: list[dict]) -> str:
-    header = ["T", "layer, EPLB off", *[f"+ {label}" for label in NUMERATORS.values()], "largest spread"]
+    header = ["T", "grouped-GEMM layer, EPLB off", *[f"+ {label}" for label in NUMERATORS.values()], "largest spread"]
     body = [[str(r["T"]), fmt(r["layer_us"], ".1f"),
              *[f"{r['layer_with_us'][n] - r['layer_us']:+.1f}" for n in NUMERATORS], fmt(r["layer_spread_us"], ".1f")]
             for r in rows]
@@ -96,15 +129,16 @@ def ab_table(rows: list[dict]) -> str:
 
 def decode_step_lines(rows: list[dict]) -> list[str]:
     """What one decode step of a 58-layer model spends on recording, per T up to 128."""
-    lines = []
+    lines, whose = [], " (vLLM's layer, EPLB off)" if _has_vllm_layer(rows) else ""
     for r in rows:
         if r["T"] > MARGINAL_MAX_T:
             continue
-        a, step = r["alone_us"], MODEL_LAYERS * r["layer_us"]
-        lines.append(f"- T={r['T']}: MoE layers {step / 1e3:.2f} ms; recording vLLM 0.33.0 "
+        a, layer = r["alone_us"], _layer_us(r)
+        step = MODEL_LAYERS * layer
+        lines.append(f"- T={r['T']}: MoE layers {step / 1e3:.2f} ms{whose}; recording vLLM 0.33.0 "
                      f"{MODEL_LAYERS * a['vllm_0.33.0']:.0f} µs, vLLM 0.34.0 {MODEL_LAYERS * a['vllm_0.34.0']:.0f} µs, "
                      f"ours {MODEL_LAYERS * a['ours']:.0f} µs (saves {MODEL_LAYERS * (a['vllm_0.34.0'] - a['ours']):.0f}"
-                     f" µs per step vs 0.34.0, {100 * (a['vllm_0.34.0'] - a['ours']) / r['layer_us']:.2f} % of the "
+                     f" µs per step vs 0.34.0, {100 * (a['vllm_0.34.0'] - a['ours']) / layer:.2f} % of the "
                      f"MoE time); mapping alone {MODEL_LAYERS * a['map_only']:.0f} µs")
     return lines
 
@@ -137,10 +171,15 @@ def render(json_path: Path, method: str = METHOD) -> list[Path]:
     title, data, rows = _load(json_path)
     md = Path(json_path).with_suffix(".md")
     problems = [p for r in data["rows"] for p in r.get("problems", [])]
+    vllm = _has_vllm_layer(rows)
+    passed = "all numerators equal to vLLM 0.33.0 (ids and load) at every T" + (
+        ", and vLLM's layer passed its checks" if vllm else "")
     text = ["# What EPLB recording costs inside a MoE layer: vLLM 0.33.0, vLLM 0.34.0 and ours\n",
             f"{title}. {method}\n",
-            f"Checks before timing: {'all numerators equal to vLLM 0.33.0 (ids and load) at every T' if not problems else 'PROBLEMS: ' + '; '.join(problems)}.\n",
-            "## Microseconds per layer\n", cost_table(rows), "",
+            f"Checks before timing: {passed if not problems else 'PROBLEMS: ' + '; '.join(problems)}.\n",
+            *([f"## vLLM 0.33.0's own layer ({data.get('vllm_layer_kernel') or 'its kernel'}), µs per layer\n",
+               vllm_layer_table(rows), ""] if vllm else []),
+            "## Microseconds per layer: the recording steps alone, the grouped-GEMM layer\n", cost_table(rows), "",
             "## Share of the layer\n", share_table(rows), "",
             f"## Per decode step of a {MODEL_LAYERS}-layer model (MoE layers only)\n", *decode_step_lines(rows), "",
             "## Inside the layer (A/B: layer with the step minus layer without, µs)\n", ab_table(rows), "",
@@ -166,7 +205,7 @@ def _plot(path: Path, rows: list[dict], device: str) -> None:
     for name, label in NUMERATORS.items():
         left.plot(tokens, [r["alone_us"][name] for r in rows], marker="o", label=label)
         if name in ("vllm_0.33.0", "vllm_0.34.0", "ours"):
-            line = right.plot(tokens, [100 * r["alone_us"][name] / r["layer_us"] for r in rows], marker="o",
+            line = right.plot(tokens, [100 * r["alone_us"][name] / _layer_us(r) for r in rows], marker="o",
                               label=f"{label} / layer")
             right.plot(tokens, [100 * r["alone_us"][name] / r["floor_us"] for r in rows], linestyle=":",
                        color=line[0].get_color(), label=f"{label} / weight-read floor")
@@ -174,7 +213,8 @@ def _plot(path: Path, rows: list[dict], device: str) -> None:
     left.set_title("recording step alone", fontsize=9)
     right.set_ylabel("share (%)")
     right.set_yscale("log")
-    right.set_title("share of the MoE layer (solid) and of its weight-read floor (dotted)", fontsize=9)
+    which = "vLLM's MoE layer" if _has_vllm_layer(rows) else "the MoE layer"
+    right.set_title(f"share of {which} (solid) and of the weight-read floor (dotted)", fontsize=9)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xticks(tokens, [str(t) for t in tokens], fontsize=7)

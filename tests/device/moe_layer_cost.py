@@ -2,19 +2,18 @@
 
     bash tests/device/make_vllm_bundle.sh      # where pip works; carry .vllm_src
     python3 tests/device/moe_layer_cost.py --out graphs    # on the GPU machine
+    bash tests/device/run_layer_cost.sh        # the same, with vLLM's own layer where .vllm_gpu/ is carried
 
-The denominator is a grouped-GEMM MoE layer (``torch._grouped_mm``), because
-vLLM's own non-batched fused-MoE path (``TritonExperts``) needs
-``_moe_C::moe_align_block_size`` and ``moe_sum``, compiled ops that vLLM
-0.33.0's and 0.34.0's binaries (built for torch 2.14) cannot give on the GPU
-machine (torch 2.11); plain-torch stand-ins for them would add their own
-kernels to exactly the decode times that matter. vLLM 0.26.0's binaries
-(torch 2.11) do load there (``probe_vllm_moe_ops.py``): the way to time vLLM's
-own layer next. The layer: gate GEMM, softmax top-8, the recording
-step, sort by expert, the experts' two grouped GEMMs with SiLU-and-mul between,
+Two denominators. vLLM 0.33.0's own non-batched layer (``FusedMoEFactory`` ->
+``MoERunner`` -> ``TritonExperts``), with ``--vllm-moe-ops``: it needs vLLM's
+Python and its compiled ``_moe_C`` ops, which only vLLM 0.26.0's binary gives
+for the GPU machine's torch 2.11 (``vllm_fused_layer.py`` says what else stands
+in; ``run_layer_cost.sh`` sets it up where ``.vllm_gpu/`` holds the bundle).
+And, always, a grouped-GEMM layer (``torch._grouped_mm``) of the same shapes:
+gate GEMM, softmax top-8, the recording step, sort by expert, the experts' two grouped GEMMs with SiLU-and-mul between,
 un-sort and weighted sum; hidden 2048, intermediate 1408, 64 logical + 8
 redundant experts (72 physical, one rank), bf16, uniform random routing.
-Three denominators per T: the whole layer; its experts alone (the two grouped
+Three grouped-GEMM denominators per T: the whole layer; its experts alone (the two grouped
 GEMMs and the activation: what a fully fused layer could approach); and the
 weight-read floor (bytes of the experts the batch touches / the card's
 measured copy bandwidth).
@@ -27,6 +26,10 @@ layer's own ids and load (µs per layer, median of 7), and inside the layer
 (4 layers of distinct weights per CUDA graph; the layer with the step minus
 the layer without it). Every numerator is checked against vLLM 0.33.0's ids
 and load before it is timed.
+
+vLLM's layer is timed four ways on the same inputs (EPLB off; EPLB on with
+stock vLLM's recording; with the plugin's; with the harness's plain-torch
+stand-ins) after its checks (``vllm_fused_layer.check``).
 
 Writes ``vllm_layer_cost.json`` to ``--out``; ``eplb_compile.bench.layer_cost``
 renders it. ``--device cpu`` (with ``TRITON_INTERPRET=1``) runs the build and
@@ -186,7 +189,8 @@ def _time(graphs: dict, per_graph: int, replays: int, repeats: int) -> dict:
     return {n: (statistics.median(s), max(s) - min(s)) for n, s in samples.items()}
 
 
-def time_tokens(tokens: int, kernels: dict, layers: list, bandwidth_gbs: float, device, repeats: int) -> dict:
+def time_tokens(tokens: int, kernels: dict, layers: list, bandwidth_gbs: float, device, repeats: int,
+                vllm_layers=None) -> dict:
     steps, path = recording_steps(kernels, tokens, device)
     problems = check_numerators(steps, tokens, device)
     row = {"T": tokens, "ours_path": path, "problems": problems}
@@ -242,6 +246,15 @@ def time_tokens(tokens: int, kernels: dict, layers: list, bandwidth_gbs: float, 
     replays = 10 if tokens <= 512 else 3
     layer = _time(graphs, len(layers), replays=replays, repeats=repeats)
     del graphs
+    if vllm_layers is not None:  # vLLM's own layer, same inputs (vllm_fused_layer.py)
+        import vllm_fused_layer
+
+        try:
+            problems += vllm_fused_layer.check(vllm_layers, tokens, x[0])
+            row["vllm_layer_us"] = vllm_fused_layer.time_layers(vllm_layers, x, _graph, _time, replays, repeats)
+        except Exception as error:  # keep the grouped-GEMM numbers: a device call is precious
+            traceback.print_exc()
+            problems.append(f"T={tokens} vLLM layer: {type(error).__name__}: {str(error)[:300]}")
 
     # 3. The experts alone (two grouped GEMMs + activation) on the layer's dispatched rows.
     experts_in = []
@@ -291,6 +304,8 @@ def main() -> int:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--vllm-moe-ops", metavar="SO", help="vLLM 0.26.0's _moe_C .so, with vLLM 0.33.0's Python "
+                        "and the GPU harness on PYTHONPATH: also time vLLM's own layer (vllm_fused_layer.py)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -309,10 +324,26 @@ def main() -> int:
     else:  # the logic at toy sizes: no timing
         bandwidth, layers = 1.0, [MoELayer(0, device, hidden=64, inter=32)]
     print(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)", flush=True)
+    vllm_layers, vllm_kernel = None, None
+    if args.vllm_moe_ops:
+        import vllm_fused_layer
+
+        vllm_fused_layer.install(args.vllm_moe_ops)
+        from vllm.v1.worker.workspace import init_workspace_manager
+
+        from eplb_compile import vllm_plugin
+
+        init_workspace_manager(device)  # the modular kernel's scratch buffers, as vLLM's GPU worker sets up
+        vllm_plugin.register()
+        l2p, replicas = placement(device)
+        vllm_layers = vllm_fused_layer.VllmLayers(LAYER_COPIES, device, hidden=HIDDEN, inter=INTER, top_k=TOP_K,
+                                                  l2p=l2p, replicas=replicas)
+        vllm_kernel = vllm_layers.kernel_names()
+        print("vLLM layer:", vllm_kernel, flush=True)
     rows = []
     for tokens in map(int, args.tokens.split(",")):
         try:
-            row = time_tokens(tokens, kernels, layers, bandwidth, device, args.repeats)
+            row = time_tokens(tokens, kernels, layers, bandwidth, device, args.repeats, vllm_layers)
         except Exception as error:  # report, keep the other sizes: a device call is precious
             traceback.print_exc()
             row = {"T": tokens, "problems": [f"T={tokens}: {type(error).__name__}: {str(error)[:300]}"]}
@@ -324,19 +355,23 @@ def main() -> int:
               "recording_layers": REC_LAYERS, "repeats": args.repeats,
               "shape": dict(hidden=HIDDEN, intermediate=INTER, top_k=TOP_K, num_logical=NUM_LOGICAL,
                             num_redundant=NUM_REDUNDANT, map_slots=SLOTS, dtype="bfloat16"),
+              "vllm_layer_kernel": vllm_kernel,
               "crossover_tokens": plans.count_path_min_tokens(device) if device.type == "cuda" else None,
               "rows": rows}
     if device.type == "cuda":
         path = pathlib.Path(args.out) / "vllm_layer_cost.json"
         path.write_text(json.dumps(result, indent=1))
         print("wrote", path)
-        print(f"\n{'T':>5} {'layer':>8} {'experts':>8} {'floor':>7} {'v0.33':>6} {'v0.34':>6} {'ours':>6} "
-              f"{'map':>6} {'empty':>6}  path")
+        print(f"\n{'T':>5} {'layer':>8} {'vllm':>8} {'stock':>8} {'plugin':>8} {'standin':>8} {'experts':>8} "
+              f"{'floor':>7} {'v0.33':>6} {'v0.34':>6} {'ours':>6} {'map':>6} {'empty':>6}  path")
         for r in rows:
             if "floor_us" not in r:
                 continue
             a = r["alone_us"]
-            print(f"{r['T']:>5} {r['layer_us']:>8.1f} {r['experts_us']:>8.1f} {r['floor_us']:>7.1f} "
+            v = r.get("vllm_layer_us", {})
+            print(f"{r['T']:>5} {r['layer_us']:>8.1f} "
+                  + "".join(f"{v[n]:>9.1f}" if n in v else f"{'-':>9}" for n in ("off", "stock", "plugin", "standins"))
+                  + f" {r['experts_us']:>8.1f} {r['floor_us']:>7.1f} "
                   f"{a['vllm_0.33.0']:>6.2f} {a['vllm_0.34.0']:>6.2f} {a['ours']:>6.2f} {a['map_only']:>6.2f} "
                   f"{a['empty']:>6.2f}  {r['ours_path']}")
     print(f"checks: {len(problems)} problems", *problems[:20], sep="\n  ")

@@ -1,23 +1,19 @@
 """Do vLLM 0.26.0's compiled MoE ops load and give correct results on the GPU machine (torch 2.11)?
 
 vLLM 0.33.0 and 0.34.0 ship binaries built for torch 2.14, which do not load
-on the GPU machine, so ``moe_layer_cost.py`` times a grouped-GEMM layer rather
-than vLLM's own non-batched fused-MoE path (``TritonExperts``), which needs
-``_moe_C::moe_align_block_size``, ``moe_sum`` and ``topk_softmax``. vLLM
-0.26.0 pins torch 2.11 and ships them in ``_moe_C_stable_libtorch.abi3.so``
-(47.5 MB, 41 MB gzipped: it fits a device call's carry). This probe loads it,
-prints the ops' schemas and checks three ops against plain torch: the first
-step towards timing vLLM's own layer as the denominator.
+on the GPU machine. vLLM 0.26.0 pins torch 2.11 and ships ``_moe_C``'s ops in
+``_moe_C_stable_libtorch.abi3.so``; ``vllm_fused_layer.py`` runs vLLM 0.33.0's
+own MoE layer on them. This probe is the quick check on its own: it loads the
+library, prints the ops' schemas (older than 0.33.0's: the layer adapts its
+calls) and checks ``moe_sum``, ``moe_align_block_size`` and ``topk_softmax``
+against plain torch.
 
-    # where pip works (the wheel is about 300 MB; keep only the .so, git-ignored)
-    pip download --no-deps -d /tmp/v26 vllm==0.26.0
-    mkdir -p .vllm_gpu && unzip -o -j /tmp/v26/vllm-0.26.0-*.whl 'vllm/_moe_C_stable_libtorch.abi3.so' -d .vllm_gpu
-    gzip -1 .vllm_gpu/_moe_C_stable_libtorch.abi3.so
+    bash tests/device/make_vllm_moe_ops.sh     # where pip works: .vllm_gpu/moe_C_0.26.0_sm90.so.gz
     # on the GPU machine (carry .vllm_gpu)
-    gunzip -k .vllm_gpu/*.gz && python3 tests/device/probe_vllm_moe_ops.py .vllm_gpu/_moe_C_stable_libtorch.abi3.so
+    gunzip -c .vllm_gpu/moe_C_0.26.0_sm90.so.gz >/tmp/moe_C.so && python3 tests/device/probe_vllm_moe_ops.py /tmp/moe_C.so
 
-Seen on an H100 (torch 2.11.0+cu130, 2026-12-05): it loads, and all three
-agree with plain torch ("checks: ok").
+Seen on an H100 (torch 2.11.0+cu130, 2026-12-05), with the unslimmed library:
+it loads, and all three agree with plain torch ("checks: ok").
 """
 
 from __future__ import annotations
