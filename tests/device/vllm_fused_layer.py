@@ -29,6 +29,7 @@ import os
 import torch
 
 STANDINS = {"on": False}  # read at call time: a CUDA graph keeps what was on at capture
+_LIBS: list = []  # keeps the torch.library registration alive
 
 
 def install(library: str) -> None:
@@ -45,8 +46,6 @@ def install(library: str) -> None:
     lib.impl("silu_and_mul", _silu_and_mul, "CompositeExplicitAutograd")
     _LIBS.append(lib)
 
-
-_LIBS: list = []
 
 
 def _topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, renormalize=False,
@@ -177,8 +176,8 @@ class VllmLayers:
         from vllm.forward_context import set_forward_context
 
         state = copy[variant]
-        if "unpadded" in state:
-            state["unpadded"].fill_(x.shape[0]) if not torch.cuda.is_current_stream_capturing() else None
+        if "unpadded" in state and not torch.cuda.is_current_stream_capturing():  # set by the eager warm-up
+            state["unpadded"].fill_(x.shape[0])
         STANDINS["on"] = variant == "standins"
         try:
             logits = x @ copy["gate"].T
