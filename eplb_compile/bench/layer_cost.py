@@ -22,32 +22,37 @@ MARGINAL_MAX_T = 128
 MODEL_LAYERS = 58
 NUMERATORS = {"vllm_0.33.0": "vLLM 0.33.0", "vllm_0.34.0": "vLLM 0.34.0", "ours": "ours",
               "map_only": "ours, map only", "empty": "empty kernel"}
+SHAPES = ("Timed in CUDA graphs, 4 layers of distinct weights per graph (1.25 GB each, far past L2); hidden "
+          "2048, intermediate 1408, 64 logical + 8 redundant experts (72 physical, one rank), top-8, bf16, uniform "
+          "random routing. ")
+VLLM_LAYER = (
+    "**vLLM layer**: vLLM 0.33.0's own non-batched MoE layer as it serves unquantized bf16 on one Hopper GPU: "
+    "the gate GEMM, then `FusedMoEFactory`'s `MoERunner` (`FusedTopKRouter`, softmax top-8 renormalised, EPLB) "
+    "with the kernel vLLM's oracle picks there, `MoEPrepareAndFinalizeNoDPEPModular` + `TritonExperts` (its "
+    "untuned default config: vLLM ships no tuned file for E=64 or 72, N=1408 on these cards). **EPLB off** is "
+    "the model without EPLB (64 experts); **vLLM's recording** and **ours** are EPLB on (72 experts, so more "
+    "experts' weights read) with stock vLLM's step or the plugin's. It runs vLLM 0.33.0's Python; its compiled "
+    "`_moe_C` ops (`topk_softmax`, `moe_align_block_size`, `moe_sum`) are vLLM 0.26.0's binary (the newest "
+    "built for the GPU machine's torch 2.11; small adapters pass 0.33.0's calls to their older schemas) and "
+    "`silu_and_mul` is one Triton kernel (vLLM's is one CUDA kernel). **With the harness's stand-ins** is the "
+    "same layer with the GPU harness's plain-torch `topk_softmax` and `silu_and_mul`: how far those distort "
+    "it. Checked first at every T: the plugin's output bitwise equal to stock vLLM's, every EPLB variant's load "
+    "equal to a count of the router's ids, the router's ids a top-8 of the softmax, and at T <= 64 every "
+    "variant within bf16 error of an fp32 reference. "
+)
+NO_VLLM_LAYER = ("vLLM's own non-batched layer was not timed in this run (it needs `--vllm-moe-ops`: vLLM's "
+                 "Python and compiled MoE ops on the GPU machine). ")
 METHOD = (
-    "Two layers, timed in CUDA graphs in the same run, 4 layers of distinct weights per graph (1.25 GB each, far "
-    "past L2); hidden 2048, intermediate 1408, 64 logical + 8 redundant experts (72 physical, one rank), top-8, "
-    "bf16, uniform random routing. **vLLM layer**: vLLM 0.33.0's own non-batched MoE layer as it serves "
-    "unquantized bf16 on one Hopper GPU: the gate GEMM, then `FusedMoEFactory`'s `MoERunner` (`FusedTopKRouter`, "
-    "softmax top-8 renormalised, EPLB) with the kernel vLLM's oracle picks there, "
-    "`MoEPrepareAndFinalizeNoDPEPModular` + `TritonExperts` (its untuned default config: vLLM ships no tuned "
-    "file for E=64 or 72, N=1408 on these cards); **EPLB off** is the model without EPLB (64 experts), "
-    "**vLLM's recording** and **ours** are EPLB on (72 experts) with stock vLLM's step or the plugin's. It "
-    "runs vLLM 0.33.0's Python; its compiled `_moe_C` ops (`topk_softmax`, `moe_align_block_size`, `moe_sum`) "
-    "are vLLM 0.26.0's binary (the newest built for the GPU machine's torch 2.11; the 0.33.0 calls are passed "
-    "through small adapters) and `silu_and_mul` is one Triton kernel (vLLM's is one CUDA kernel); "
-    "**stand-ins** is the same layer with the GPU harness's plain-torch `topk_softmax` and `silu_and_mul` "
-    "instead, to show how far those distort it. Checked first at every T: the plugin's output bitwise equal to "
-    "stock vLLM's, every EPLB variant's load equal to a count of the router's ids, the router's ids a top-8 of "
-    "the softmax, and at T <= 64 every variant within bf16 error of an fp32 reference. **grouped-GEMM layer**: "
-    "gate GEMM, softmax top-8, the recording step, sort by expert, two `torch._grouped_mm` with SiLU-and-mul "
-    "between, un-sort and weighted sum (EPLB off); **experts**: its two GEMMs and the activation alone; "
-    "**floor**: bytes of the experts the batch touches plus the gate / the card's measured copy bandwidth. "
-    "Numerators, in the same run: each step alone in one CUDA graph of 58 layers, each layer with its own "
-    "`[T, 8]` int32 ids and load (µs per layer, median of 7 samples of 20 replays); every numerator checked "
-    "against vLLM 0.33.0's ids and load first. \"ours\" is what the plugin runs at that T (topk path below the "
-    "card's crossover; vLLM's no-EP prepare/finalize gives no per-expert counts, so the topk path in vLLM's layer "
-    "too). A/B: the layer with the step inside minus the layer without; noisier than the step alone (spread "
-    "column). `bash tests/device/run_layer_cost.sh` (writes the JSON), then "
-    "`python -m eplb_compile.bench.layer_cost JSON`."
+    "**grouped-GEMM layer**: gate GEMM, softmax top-8, the recording step, sort by expert, two "
+    "`torch._grouped_mm` with SiLU-and-mul between, un-sort and weighted sum (EPLB off); **experts**: its two "
+    "GEMMs and the activation alone; **floor**: bytes of the experts the batch touches plus the gate / the "
+    "card's measured copy bandwidth. Numerators, in the same run: each step alone in one CUDA graph of 58 "
+    "layers, each layer with its own `[T, 8]` int32 ids and load (µs per layer, median of {repeats} samples of "
+    "20 replays; the layers: median of {repeats} samples); every numerator checked against vLLM 0.33.0's ids "
+    "and load first. \"ours\" is what the plugin runs at that T (the topk path below the card's crossover; in "
+    "vLLM's layer the topk path at every T, since its no-EP prepare/finalize gives no per-expert counts). A/B: "
+    "the layer with the step inside minus the layer without; noisier than the step alone (spread column). "
+    "`bash tests/device/run_layer_cost.sh` (writes the JSON), then `python -m eplb_compile.bench.layer_cost JSON`."
 )
 
 
@@ -166,12 +171,15 @@ def section(json_path: Path) -> str:
                       "Goals (one run, one card):", *goals(rows)])
 
 
-def render(json_path: Path, method: str = METHOD) -> list[Path]:
+def render(json_path: Path, method: str | None = None) -> list[Path]:
     """Write ``<stem>.md`` (and ``<stem>.png`` with matplotlib) beside ``json_path``; the paths written."""
     title, data, rows = _load(json_path)
     md = Path(json_path).with_suffix(".md")
     problems = [p for r in data["rows"] for p in r.get("problems", [])]
     vllm = _has_vllm_layer(rows)
+    if method is None:
+        method = SHAPES + (VLLM_LAYER if vllm else NO_VLLM_LAYER) + METHOD.replace("{repeats}",
+                                                                               str(data.get("repeats", 7)))
     passed = "all numerators equal to vLLM 0.33.0 (ids and load) at every T" + (
         ", and vLLM's layer passed its checks" if vllm else "")
     text = ["# What EPLB recording costs inside a MoE layer: vLLM 0.33.0, vLLM 0.34.0 and ours\n",
