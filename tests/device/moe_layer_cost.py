@@ -10,13 +10,13 @@ Python and its compiled ``_moe_C`` ops, which only vLLM 0.26.0's binary gives
 for the GPU machine's torch 2.11 (``vllm_fused_layer.py`` says what else stands
 in; ``run_layer_cost.sh`` sets it up where ``.vllm_gpu/`` holds the bundle).
 And, always, a grouped-GEMM layer (``torch._grouped_mm``) of the same shapes:
-gate GEMM, softmax top-8, the recording step, sort by expert, the experts' two grouped GEMMs with SiLU-and-mul between,
-un-sort and weighted sum; hidden 2048, intermediate 1408, 64 logical + 8
-redundant experts (72 physical, one rank), bf16, uniform random routing.
-Three grouped-GEMM denominators per T: the whole layer; its experts alone (the two grouped
-GEMMs and the activation: what a fully fused layer could approach); and the
-weight-read floor (bytes of the experts the batch touches / the card's
-measured copy bandwidth).
+gate GEMM, softmax top-8, the recording step, sort by expert, the experts' two
+grouped GEMMs with SiLU-and-mul between, un-sort and weighted sum; hidden 2048,
+intermediate 1408, 64 logical + 8 redundant experts (72 physical, one rank),
+bf16, uniform random routing. Three grouped-GEMM denominators per T: the whole
+layer; its experts alone (the two grouped GEMMs and the activation: what a
+fully fused layer could approach); and the weight-read floor (bytes of the
+experts the batch touches / the card's measured copy bandwidth).
 
 Numerators, side by side: vLLM 0.33.0's recording kernel, vLLM 0.34.0's
 (copied from their sources by ``eplb_compile._vllm_kernel_loader``), ours on
