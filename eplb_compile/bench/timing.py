@@ -4,7 +4,10 @@ Device time: each implementation runs once per layer for every layer, with
 each layer's own inputs, captured in ONE CUDA graph; a sample is a run of
 graph replays timed with CUDA events, divided by replays x layers; the figure
 is the median of the samples, the implementations interleaved within each
-repeat so clock drift hits them alike.
+repeat so clock drift hits them alike, and the order rotated from repeat to
+repeat so that none is always first after the host's sync (a layer-cost run
+on an H200 timed the first graph of each round 3 % slower than one doing
+strictly more work).
 
 Host time: the per-call CPU time of eager calls, measured while the GPU is
 kept busy by a long sleep kernel, so launches queue without ever waiting for
@@ -45,8 +48,9 @@ def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], layers: int, replays: i
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples: dict[str, list[float]] = {name: [] for name in graphs}
-    for _ in range(repeats):
-        for name, graph in graphs.items():
+    for order in rotations(list(graphs), repeats):
+        for name in order:
+            graph = graphs[name]
             start.record()
             for _ in range(replays):
                 graph.replay()
@@ -54,6 +58,11 @@ def time_graphs(graphs: dict[str, torch.cuda.CUDAGraph], layers: int, replays: i
             end.synchronize()
             samples[name].append(start.elapsed_time(end) * 1e3 / (replays * layers))
     return samples
+
+
+def rotations(names: list[str], repeats: int) -> list[list[str]]:
+    """``repeats`` orders of ``names``, each starting one further along: the lead passes round."""
+    return [names[r % len(names):] + names[: r % len(names)] for r in range(repeats)] if names else []
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
