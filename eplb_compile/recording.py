@@ -34,6 +34,9 @@ safetensors, not vLLM and not a GPU. The header also holds a CRC-32 per
 tensor and one of itself (``header_crc32``; older files have none), so flipped
 bytes are found, not read as load or as another run's header.
 
+It runs past 300 lines on purpose: the writer and the reader's checks of one
+layout stay side by side, so a format change is made in one file.
+
 Reading is numpy's, never torch's (``eplb-compile report`` must not pay
 torch's import): ``read_chunk`` reads and checks one file; ``read_recording``
 reads a folder around damaged or missing chunks, states each loss (which rank,

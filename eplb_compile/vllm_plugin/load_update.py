@@ -16,6 +16,8 @@ Every per-forward line here is traceable by Dynamo with no graph break, so
 vLLM's compiled mode (which traces the MoE forward on CPU) and users who
 compile an MoE block keep one graph. Each layer logs each lowering once:
 eagerly at its first use, compiled when Dynamo traces it.
+
+Imports vLLM at module level; install it with the project: ``pip install -e '.[vllm]'``.
 """
 
 from __future__ import annotations

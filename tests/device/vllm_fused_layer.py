@@ -131,7 +131,7 @@ class VllmLayers:
             bf16 = dict(dtype=torch.bfloat16, device=device, generator=g)
             w13 = torch.randn((num_logical, 2 * inter, hidden), **bf16) * hidden**-0.5
             w2 = torch.randn((num_logical, hidden, inter), **bf16) * inter**-0.5
-            physical = (w13[p2l.to(device)], w2[p2l.to(device)])
+            physical = (w13[self.p2l], w2[self.p2l])
             copy = {"gate": torch.randn((num_logical, hidden), **bf16) * hidden**-0.5, "logical": (w13, w2)}
             for number, name in enumerate(self.VARIANTS):
                 copy[name] = self._runner(name != "off", name == "plugin", physical if name != "off" else (w13, w2),
