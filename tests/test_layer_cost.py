@@ -47,12 +47,12 @@ def test_render_writes_tables_and_decode_step(tmp_path):
 
 def test_vllm_layer_is_the_denominator_where_timed(tmp_path):
     rows = [_row(1, 100.0, 2.3, 2.2, 1.8, 1.6), _row(16, 400.0, 2.3, 2.2, 1.8, 1.6)]
-    rows[0]["vllm_layer_us"] = {"off": 50.0, "stock": 53.0, "plugin": 52.5, "standins": 79.5, "spread": 0.3}
+    rows[0]["vllm_layer_us"] = {"off": 50.0, "stock": 53.0, "plugin": 52.5, "standins": 79.5, "spread": 0.7}
     rows[1]["vllm_layer_us"] = {"off": 200.0, "stock": 210.0, "plugin": 210.0, "standins": 231.0, "spread": 0.3}
     layer_cost.render(_write(tmp_path, rows), method="Method.")
     text = (tmp_path / "vllm_layer_cost.md").read_text()
-    # off, stock, plugin, plugin - stock, stand-ins, stand-ins - stock (+50 %), grouped layer, floor, off / floor
-    assert "| 1 | 50.0 | 53.0 | 52.5 | -0.5 | 79.5 | +26.5 (+50 %) | 100.0 | 25.0 | 2.00 |" in text
+    # off, stock, plugin, plugin - stock, spread, stand-ins, stand-ins - stock (+50 %), grouped layer, floor, plugin / floor
+    assert "| 1 | 50.0 | 53.0 | 52.5 | -0.5 | 0.7 | 79.5 | +26.5 (+50 %) | 100.0 | 25.0 | 2.10 |" in text
     # shares of vLLM's layer first (2.3 / 50, 2.2 / 50, 1.8 / 50), then 0.34.0 and ours of the grouped-GEMM layer, experts, floor
     assert "| 1 | 4.60 % | 4.40 % | 3.60 % | 2.20 % | 1.80 % | 4.40 % | 3.60 % | 8.80 % | 7.20 % |" in text
     # 58 x 50 µs = 2.90 ms; saves 58 x 0.4 = 23 µs = 0.80 % of vLLM's layer

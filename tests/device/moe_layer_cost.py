@@ -341,6 +341,14 @@ def main() -> int:
         vllm_kernel = vllm_layers.kernel_names()
         print("vLLM layer:", vllm_kernel, flush=True)
     rows = []
+    result = {**info, "copy_bandwidth_gbs": round(bandwidth, 1), "layers_per_graph": LAYER_COPIES,
+              "recording_layers": REC_LAYERS, "repeats": args.repeats,
+              "shape": dict(hidden=HIDDEN, intermediate=INTER, top_k=TOP_K, num_logical=NUM_LOGICAL,
+                            num_redundant=NUM_REDUNDANT, map_slots=SLOTS, dtype="bfloat16"),
+              "vllm_layer_kernel": vllm_kernel,
+              "crossover_tokens": plans.count_path_min_tokens(device) if device.type == "cuda" else None,
+              "rows": rows}
+    path = pathlib.Path(args.out) / "vllm_layer_cost.json"
     for tokens in map(int, args.tokens.split(",")):
         try:
             row = time_tokens(tokens, kernels, layers, bandwidth, device, args.repeats, vllm_layers)
@@ -349,18 +357,11 @@ def main() -> int:
             row = {"T": tokens, "problems": [f"T={tokens}: {type(error).__name__}: {str(error)[:300]}"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":  # after every size: a call cut short by its time limit keeps what it timed
+            torch.cuda.empty_cache()
+            path.write_text(json.dumps(result, indent=1))
     problems = [p for r in rows for p in r["problems"]]
-    result = {**info, "copy_bandwidth_gbs": round(bandwidth, 1), "layers_per_graph": LAYER_COPIES,
-              "recording_layers": REC_LAYERS, "repeats": args.repeats,
-              "shape": dict(hidden=HIDDEN, intermediate=INTER, top_k=TOP_K, num_logical=NUM_LOGICAL,
-                            num_redundant=NUM_REDUNDANT, map_slots=SLOTS, dtype="bfloat16"),
-              "vllm_layer_kernel": vllm_kernel,
-              "crossover_tokens": plans.count_path_min_tokens(device) if device.type == "cuda" else None,
-              "rows": rows}
     if device.type == "cuda":
-        path = pathlib.Path(args.out) / "vllm_layer_cost.json"
-        path.write_text(json.dumps(result, indent=1))
         print("wrote", path)
         print(f"\n{'T':>5} {'layer':>8} {'vllm':>8} {'stock':>8} {'plugin':>8} {'standin':>8} {'experts':>8} "
               f"{'floor':>7} {'v0.33':>6} {'v0.34':>6} {'ours':>6} {'map':>6} {'empty':>6}  path")
