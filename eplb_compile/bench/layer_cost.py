@@ -111,19 +111,15 @@ def cost_table(rows: list[dict]) -> str:
 
 
 def share_table(rows: list[dict]) -> str:
+    """Each numerator's share of each denominator; vLLM 0.33.0's only of the headline layer."""
     denominators = [("vLLM layer", lambda r: r["vllm_layer_us"]["off"])] if _has_vllm_layer(rows) else []
     denominators += [("grouped-GEMM layer" if denominators else "layer", lambda r: r["layer_us"]),
                      ("experts", lambda r: r["experts_us"]), ("floor", lambda r: r["floor_us"])]
-    header = ["T", *[f"{who} / {name}" for name, _ in denominators
-                     for who in (["vLLM 0.33", "vLLM 0.34", "ours"] if name in ("vLLM layer", "layer")
-                                 else ["vLLM 0.34", "ours"])]]
-    body = []
-    for r in rows:
-        a, cells = r["alone_us"], [str(r["T"])]
-        for name, whole in denominators:
-            who = ["vllm_0.33.0", "vllm_0.34.0", "ours"] if name in ("vLLM layer", "layer") else ["vllm_0.34.0", "ours"]
-            cells += [_pct(a[n], whole(r)) for n in who]
-        body.append(cells)
+    columns = [(name, whole, who) for i, (name, whole) in enumerate(denominators)
+               for who in (["vllm_0.33.0"] if i == 0 else []) + ["vllm_0.34.0", "ours"]]
+    short = {"vllm_0.33.0": "vLLM 0.33", "vllm_0.34.0": "vLLM 0.34", "ours": "ours"}
+    header = ["T", *[f"{short[who]} / {name}" for name, _, who in columns]]
+    body = [[str(r["T"]), *[_pct(r["alone_us"][who], whole(r)) for _, whole, who in columns]] for r in rows]
     return markdown_table(header, body)
 
 

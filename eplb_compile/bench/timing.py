@@ -5,9 +5,10 @@ each layer's own inputs, captured in ONE CUDA graph; a sample is a run of
 graph replays timed with CUDA events, divided by replays x layers; the figure
 is the median of the samples, the implementations interleaved within each
 repeat so clock drift hits them alike, and the order rotated from repeat to
-repeat so that none is always first after the host's sync (a layer-cost run
-on an H200 timed the first graph of each round 3 % slower than one doing
-strictly more work).
+repeat so that none is always first after the host's sync. (Rotation did not
+explain the one oddity seen: in the layer-cost run on an H200, the grouped-GEMM
+layer at one token times 2-4 µs slower without a step than with an empty
+kernel, whichever graph goes first.)
 
 Host time: the per-call CPU time of eager calls, measured while the GPU is
 kept busy by a long sleep kernel, so launches queue without ever waiting for

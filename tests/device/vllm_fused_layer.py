@@ -47,7 +47,6 @@ def install(library: str) -> None:
     _LIBS.append(lib)
 
 
-
 def _topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, renormalize=False,
                   e_score_correction_bias=None, is_padding=None):
     if is_padding is not None:
